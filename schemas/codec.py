@@ -1,0 +1,43 @@
+"""Encode and decode events: one encoder and one decoder, built once (msgspec JSON)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import msgspec
+
+from .events import AnyEvent, Event
+
+_encoder = msgspec.json.Encoder()
+_decoder: msgspec.json.Decoder[AnyEvent] = msgspec.json.Decoder(AnyEvent)
+
+# What a decode can raise: malformed JSON or a body that breaks the contract.
+DecodeError = (msgspec.DecodeError, msgspec.ValidationError)
+
+
+def encode(event: Event) -> bytes:
+    return _encoder.encode(event)
+
+
+def decode(data: bytes | str) -> AnyEvent:
+    """Decode any event by its `type` tag; raises one of `DecodeError` on bad input."""
+    return _decoder.decode(data)
+
+
+def timestamp(now: datetime) -> str:
+    """RFC 3339 UTC with milliseconds, the one time format on the wire."""
+    now = now.astimezone(UTC)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+
+
+def parse_timestamp(value: str) -> datetime:
+    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+
+
+def derived_id(source_event_id: str, role: str) -> str:
+    """The id of the event that `role` derives from a source event.
+
+    Deterministic on purpose: a redelivered source event yields the same event id,
+    so JetStream's Nats-Msg-Id dedup and every consumer's own dedup drop the repeat.
+    """
+    return f"{source_event_id}/{role}"
