@@ -1,0 +1,80 @@
+"""The meter's DuckDB ledger: accounts, calls and ledger entries, written exactly once.
+
+Each source event is applied in one transaction together with a tracking row (its
+event id and stream position), so a redelivered or duplicated event changes nothing.
+The ledger.* events a source event produced are stored with it (an outbox) and
+re-published on redelivery, so a crash between commit and publish loses none.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS accounts (
+    account_id VARCHAR PRIMARY KEY,
+    rate_millicredits_per_minute BIGINT NOT NULL,
+    text_price_millicredits BIGINT NOT NULL,
+    timezone VARCHAR NOT NULL,
+    balance_millicredits BIGINT NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS calls (
+    call_id VARCHAR PRIMARY KEY,
+    account_id VARCHAR NOT NULL,
+    number VARCHAR NOT NULL,
+    agent_id VARCHAR,
+    accepted_at TIMESTAMPTZ NOT NULL,
+    responses BIGINT NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS ledger (
+    entry_id VARCHAR PRIMARY KEY,           -- the ledger.* event id
+    source_event_id VARCHAR NOT NULL,       -- the call.* / account.* event it came from
+    kind VARCHAR NOT NULL,                  -- credited | charged
+    account_id VARCHAR NOT NULL,
+    call_id VARCHAR,
+    number VARCHAR,
+    amount_millicredits BIGINT NOT NULL,
+    balance_after_millicredits BIGINT NOT NULL,
+    charged_s BIGINT,
+    voice_millicredits BIGINT,
+    text_millicredits BIGINT,
+    occurred_at TIMESTAMPTZ NOT NULL,
+    event_json VARCHAR NOT NULL             -- outbox: the ledger.* event as published
+);
+CREATE TABLE IF NOT EXISTS applied_events (
+    event_id VARCHAR PRIMARY KEY,
+    consumer VARCHAR NOT NULL,
+    stream_sequence BIGINT NOT NULL
+);
+CREATE OR REPLACE VIEW call_charges AS
+    SELECT call_id, account_id, number, charged_s, voice_millicredits, text_millicredits,
+           amount_millicredits AS total_millicredits, occurred_at
+    FROM ledger WHERE kind = 'charged';
+CREATE OR REPLACE VIEW balances AS
+    SELECT account_id, balance_millicredits FROM accounts;
+"""
+
+
+def connect(path: Path | str) -> duckdb.DuckDBPyConnection:
+    if str(path) != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect(str(path))
+    con.execute(SCHEMA)
+    return con
+
+
+def already_applied(con: duckdb.DuckDBPyConnection, event_id: str) -> bool:
+    return bool(con.execute("SELECT 1 FROM applied_events WHERE event_id = ?", [event_id]).fetchall())
+
+
+def mark_applied(con: duckdb.DuckDBPyConnection, event_id: str, consumer: str, sequence: int) -> None:
+    con.execute("INSERT INTO applied_events VALUES (?, ?, ?)", [event_id, consumer, sequence])
+
+
+def outbox(con: duckdb.DuckDBPyConnection, source_event_id: str) -> list[str]:
+    rows = con.execute(
+        "SELECT event_json FROM ledger WHERE source_event_id = ? ORDER BY entry_id", [source_event_id]
+    ).fetchall()
+    return [r[0] for r in rows]
