@@ -110,7 +110,9 @@ class Stack:
         services: tuple[str, ...] = SERVICES,
         log_to_files: bool = True,
         env: Mapping[str, str] | None = None,
+        nats_url: str | None = None,
     ) -> None:
+        """`nats_url`: use a NATS server that is already running instead of starting one."""
         unknown = set(services) - set(SERVICES)
         if unknown:
             raise ValueError(f"unknown services: {', '.join(sorted(unknown))}")
@@ -119,6 +121,7 @@ class Stack:
         self.services = tuple(services)
         self.log_to_files = log_to_files
         self.env = dict(env or {})
+        self.external_url = nats_url
         self.setup_report: topology.SetupReport | None = None
         self._nats: _Child | None = None
         self._children: dict[str, _Child] = {}
@@ -127,7 +130,7 @@ class Stack:
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        return self.external_url or f"nats://127.0.0.1:{self.port}"
 
     @property
     def pids(self) -> dict[str, int]:
@@ -169,9 +172,10 @@ class Stack:
         for folder in ("nats", "data", "logs"):
             (self.home / folder).mkdir(parents=True, exist_ok=True)
         self._lock = _lock_home(self.home)
-        self.port = self.port or _free_port()
-        _refuse_taken_port(self.port)
-        self._start_nats()
+        if self.external_url is None:
+            self.port = self.port or _free_port()
+            _refuse_taken_port(self.port)
+            self._start_nats()
         self.setup_report = asyncio.run(setup_streams(self.url))
         env = self._service_env()
         for name in self.services:

@@ -26,6 +26,8 @@ def decode(data: bytes | str) -> AnyEvent:
 
 def timestamp(now: datetime) -> str:
     """RFC 3339 UTC with milliseconds, the one time format on the wire."""
+    if now.tzinfo is None:
+        raise ValueError("timestamp() needs an aware datetime (a naive one would be read as local time)")
     now = now.astimezone(UTC)
     return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
 

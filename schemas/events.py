@@ -206,6 +206,10 @@ class CallOffered(Event, tag="call.offered", kw_only=True):
     user_agent: str = ""
     sip_headers: dict[str, str] = {}
 
+    def __post_init__(self) -> None:
+        if self.direction == "outbound" and self.from_ == "anonymous":
+            raise ValueError("an outbound call must come from one of our E.164 numbers, not 'anonymous'")
+
     @property
     def number(self) -> str:
         """The callplane number this call belongs to: the callee inbound, the caller outbound."""

@@ -14,7 +14,6 @@ from .events import (
     AccountCredited,
     CallOffered,
     Event,
-    FraudAlert,
     LedgerEvent,
     tag_of,
 )

@@ -60,7 +60,7 @@ def local_server(store: Path, port: int | None = None) -> Iterator[tuple[str, su
 @contextlib.contextmanager
 def container_server() -> Iterator[str]:
     """Raises docker.errors.DockerException quickly when no daemon answers."""
-    from testcontainers.nats import NatsContainer
+    from testcontainers.community.nats import NatsContainer
 
     with NatsContainer(jetstream=True) as nats:
         yield nats.nats_uri()

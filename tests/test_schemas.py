@@ -365,16 +365,31 @@ def test_any_valid_call_ended_round_trips(event: CallEnded) -> None:
         call_id=tokens,
         direction=st.sampled_from(["inbound", "outbound"]),
         to=e164,
-        from_=e164 | st.just("anonymous"),
+        from_=e164,
         source_ip=st.ip_addresses().map(str),
         transport=st.sampled_from(get_args(Transport)),
         srtp=st.booleans(),
         user_agent=st.text(max_size=100),
         sip_headers=st.dictionaries(st.text(min_size=1, max_size=30), st.text(max_size=100), max_size=5),
     )
+    | st.builds(CallOffered, event_id=event_ids, occurred_at=stamps, call_id=tokens, to=e164, from_=st.just("anonymous"))
 )
 def test_any_valid_call_offered_round_trips(event: CallOffered) -> None:
     assert decode(encode(event)) == event
+
+
+def test_an_outbound_call_from_anonymous_breaks_the_contract() -> None:
+    body = {
+        "type": "call.offered",
+        "event_id": "ev_1",
+        "occurred_at": "2026-11-21T10:00:00.000Z",
+        "call_id": "call_1",
+        "direction": "outbound",
+        "to": "+48123456789",
+        "from": "anonymous",
+    }
+    with pytest.raises(msgspec.ValidationError, match="anonymous"):
+        decode(msgspec.json.encode(body))
 
 
 # -- export ------------------------------------------------------------------------
