@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 from pathlib import Path
 
@@ -61,6 +62,8 @@ def cmd_up(args: argparse.Namespace) -> None:
 
     if args.duration is not None and not args.demo:
         raise CliError("--duration goes with --demo")
+    # Ctrl-C must stop the stack even when a launching shell ignored SIGINT (background jobs).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         stack = Stack(home=args.home, port=args.port, log_to_files=args.demo)
         with stack:
