@@ -28,11 +28,16 @@ def from_env(cls: type[T], environ: Mapping[str, str] | None = None) -> T:
         value = environ.get(name.upper())
         if value is None:
             continue
-        raw[name] = value.split(",") if _is_sequence(cls, name) else value
+        if _is_sequence(cls, name):
+            raw[name] = [item.strip() for item in value.split(",") if item.strip()]
+        else:
+            raw[name] = value
     try:
         return msgspec.convert(raw, cls, strict=False)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"bad configuration for {cls.__name__}: {exc}") from None
+        field = str(exc).rsplit("$.", 1)[-1].rstrip("`").split("[")[0] if "$." in str(exc) else None
+        where = f" in {field.upper()}" if field else ""
+        raise ConfigError(f"bad configuration{where}: {str(exc).split(' - at ')[0]}") from None
 
 
 def _is_sequence(cls: type[msgspec.Struct], name: str) -> bool:

@@ -9,11 +9,11 @@ evaluated is recorded in the decision, with its inputs, so a decision explains i
 from __future__ import annotations
 
 import ipaddress
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, time, timedelta
-from zoneinfo import ZoneInfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from schemas import (
     SIP_STATUS,
@@ -37,6 +37,8 @@ from schemas import (
 
 HOUR = timedelta(hours=1)
 DAY = timedelta(days=1)
+# Decisions remembered per call id, so a redelivered offer gets the same answer.
+REMEMBERED_DECISIONS = 100_000
 
 
 @dataclass
@@ -54,6 +56,7 @@ class Line:
 @dataclass
 class State:
     lines: dict[str, Line] = field(default_factory=dict)  # by E.164 number
+    decided: OrderedDict[str, CallAccepted | CallRejected] = field(default_factory=OrderedDict)  # by call_id
 
 
 # -- evolve -------------------------------------------------------------------------
@@ -71,22 +74,35 @@ def evolve(state: State, event: AnyEvent) -> State:
             line.policy, line.policy_version = policy, version
         case NumberUnregistered(number=number):
             state.lines.pop(number, None)
-        case CallAccepted(number=number, call_id=call_id) if number in state.lines:
-            line = state.lines[number]
-            admitted_at = parse_timestamp(event.occurred_at)
-            line.active[call_id] = admitted_at
-            line.admitted.append(admitted_at)
+        case CallAccepted(call_id=call_id) | CallRejected(call_id=call_id) if call_id in state.decided:
+            pass  # already folded: a decision counts once
+        case CallAccepted(number=number, call_id=call_id) | CallRejected(number=number, call_id=call_id):
+            _remember(state, event)
+            if isinstance(event, CallAccepted) and (line := state.lines.get(number)):
+                admitted_at = parse_timestamp(event.occurred_at)
+                line.active[call_id] = admitted_at
+                line.admitted.append(admitted_at)
         case CallEnded(number=number, call_id=call_id) | CallMissed(number=number, call_id=call_id):
             if line := state.lines.get(number):
                 line.active.pop(call_id, None)
     return state
 
 
+def _remember(state: State, decision: CallAccepted | CallRejected) -> None:
+    state.decided[decision.call_id] = decision
+    if len(state.decided) > REMEMBERED_DECISIONS:
+        state.decided.popitem(last=False)
+
+
 # -- decide -------------------------------------------------------------------------
 
 
 def decide(state: State, offer: CallOffered, *, now: datetime) -> CallAccepted | CallRejected:
-    """Admit or refuse one offered call. The caller folds the result back with `evolve`."""
+    """Admit or refuse one offered call. The caller folds the result back with `evolve`.
+
+    An offer decided before (a redelivery) gets the same decision again."""
+    if (earlier := state.decided.get(offer.call_id)) is not None:
+        return earlier
     number = offer.number
     line = state.lines.get(number)
     checks: list[Check] = []
@@ -168,10 +184,7 @@ def _policy_checks(line: Line, offer: CallOffered, now: datetime) -> list[tuple[
             (
                 "hours",
                 "outside_hours",
-                lambda: (
-                    within_hours(now, hours.start, hours.end, hours.timezone),
-                    {"local_time": now.astimezone(ZoneInfo(hours.timezone)).strftime("%H:%M")},
-                ),
+                lambda: _hours_check(now, hours.start, hours.end, hours.timezone),
             )
         )
     if policy.max_concurrent_calls is not None:
@@ -186,6 +199,14 @@ def _policy_checks(line: Line, offer: CallOffered, now: datetime) -> list[tuple[
     return checks
 
 
+def _hours_check(now: datetime, start: str, end: str, tz: str) -> tuple[bool, dict]:
+    try:
+        local = now.astimezone(ZoneInfo(tz)).strftime("%H:%M")
+    except (ZoneInfoNotFoundError, ValueError):
+        return False, {"timezone": tz, "error": "unknown timezone: refused rather than guessed"}
+    return within_hours(now, start, end, tz), {"local_time": local, "start": start, "end": end}
+
+
 def _window_check(line: Line, now: datetime, span: timedelta, limit: int) -> CheckFn:
     def check() -> tuple[bool, dict]:
         count = admitted_within(line.admitted, now, span)
@@ -198,14 +219,23 @@ def _window_check(line: Line, now: datetime, span: timedelta, limit: int) -> Che
 
 
 def ip_allowed(source_ip: str, cidrs: tuple[str, ...]) -> bool:
-    """True if the address is inside any CIDR; an IPv4-mapped IPv6 address counts as IPv4."""
+    """True if the address is inside any CIDR. An IPv4-mapped IPv6 address matches in
+    either form; a malformed CIDR matches nothing (the provisioner refuses those)."""
     try:
         address = ipaddress.ip_address(source_ip)
     except ValueError:
         return False
+    forms = [address]
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
-    return any(address in ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
+        forms.append(address.ipv4_mapped)
+    for cidr in cidrs:
+        try:
+            network = ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            continue
+        if any(form in network for form in forms if form.version == network.version):
+            return True
+    return False
 
 
 def matches_prefix(party: str, prefixes: tuple[str, ...]) -> bool:
