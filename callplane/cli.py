@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--duration", type=float, metavar="S", help="with --demo: stop after S seconds")
     up.add_argument("--port", type=int, default=4222, help="NATS client port (default 4222)")
     up.add_argument("--home", type=Path, default=Path(".callplane"), help="data and logs folder (default .callplane)")
+    up.add_argument("--http-port", type=int, default=8080, help="the admin API's port (default 8080; 0: any free port)")
     up.set_defaults(run=cmd_up)
 
     nats_cmd = commands.add_parser("nats", help="NATS topology").add_subparsers(title="nats commands")
@@ -53,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     catalog = schemas_cmd.add_parser("catalog", help="print the event catalog (Markdown), or update README.md")
     catalog.add_argument("--readme", type=Path, help="replace the catalog between the markers in this file")
     catalog.set_defaults(run=cmd_schemas_catalog)
+
+    from .admin_cli import add_admin_commands
+
+    add_admin_commands(commands)
     return parser
 
 
@@ -65,9 +70,11 @@ def cmd_up(args: argparse.Namespace) -> None:
     # Ctrl-C must stop the stack even when a launching shell ignored SIGINT (background jobs).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        stack = Stack(home=args.home, port=args.port, log_to_files=args.demo)
+        stack = Stack(home=args.home, port=args.port, log_to_files=args.demo, http_port=args.http_port)
         with stack:
             print(f"callplane is up: NATS at {stack.url}, data and logs in {args.home}/ (Ctrl-C stops everything)")
+            if args.http_port:
+                print(f"admin API: http://127.0.0.1:{args.http_port}/v1 (OpenAPI at /openapi.json)")
             if args.demo:
                 print(f"service logs: {args.home}/logs/<service>.log")
                 asyncio.run(run_demo(stack.url, duration=args.duration))

@@ -111,8 +111,10 @@ class Stack:
         log_to_files: bool = True,
         env: Mapping[str, str] | None = None,
         nats_url: str | None = None,
+        http_port: int = 0,
     ) -> None:
-        """`nats_url`: use a NATS server that is already running instead of starting one."""
+        """`nats_url`: use a NATS server that is already running instead of starting one.
+        `http_port`: the provisioner's admin API (0: any free port)."""
         unknown = set(services) - set(SERVICES)
         if unknown:
             raise ValueError(f"unknown services: {', '.join(sorted(unknown))}")
@@ -122,6 +124,7 @@ class Stack:
         self.log_to_files = log_to_files
         self.env = dict(env or {})
         self.external_url = nats_url
+        self.http_port = http_port
         self.setup_report: topology.SetupReport | None = None
         self._nats: _Child | None = None
         self._children: dict[str, _Child] = {}
@@ -192,6 +195,9 @@ class Stack:
         env = {**os.environ, **self.env}
         env.pop("NATS_CREDS", None)  # the embedded server has no auth
         env.update(NATS_URL=self.url, CALLPLANE_DATA_DIR=str(self.home / "data"), PYTHONUNBUFFERED="1")
+        env.setdefault("HTTP_PORT", str(self.http_port))
+        if not env.get("CALLPLANE_SECRET_KEYS"):
+            env["CALLPLANE_SECRET_KEYS"] = _local_secret_key(self.home / "data" / "secret.key")
         return env
 
     # -- stopping
@@ -390,6 +396,18 @@ def _lock_home(home: Path) -> IO[str]:
     lock.write(str(os.getpid()))
     lock.flush()
     return lock
+
+
+def _local_secret_key(path: Path) -> str:
+    """The embedded stack's key for secrets at rest: made once, kept (0600) under home."""
+    if not path.exists():
+        from cryptography.fernet import Fernet
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(Fernet.generate_key().decode())
+    return path.read_text().strip()
 
 
 def _free_port() -> int:

@@ -47,6 +47,15 @@ class Projection:
         await asyncio.wait_for(self._caught_up.wait(), timeout)
         log.info("projection_ready", stream=self._stream, position=self.position)
 
+    async def catch_up(self, timeout: float = 5.0) -> None:
+        """Wait until everything the stream holds now has been applied."""
+        target = (await self._js.stream_info(self._stream)).state.last_seq
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.position < target:
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"projection of {self._stream} is behind ({self.position} < {target})")
+            await asyncio.sleep(0.01)
+
     async def stop(self) -> None:
         if self._sub is not None:
             with contextlib.suppress(nats.errors.Error):  # the connection may be closed already

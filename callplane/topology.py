@@ -17,11 +17,12 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
+    KeyValueConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import NotFoundError
+from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from schemas import STREAMS
 
@@ -88,6 +89,11 @@ CONSUMERS: tuple[ConsumerSpec, ...] = (
 )
 
 
+# Key-value buckets (JetStream KV). SECRETS holds sealed secrets (ciphertext and a
+# masked hint) under their secret_ref: events carry the reference only.
+KV_BUCKETS: tuple[str, ...] = ("SECRETS",)
+
+
 def consumer(durable: str) -> ConsumerSpec:
     return next(c for c in CONSUMERS if c.durable == durable)
 
@@ -147,6 +153,13 @@ async def setup(js: JetStreamContext, *, replicas: int = 1) -> SetupReport:
             report.updated.append(f"stream {name}")
         else:
             report.unchanged.append(f"stream {name}")
+    for bucket in KV_BUCKETS:
+        try:
+            await js.key_value(bucket)
+            report.unchanged.append(f"kv {bucket}")
+        except BucketNotFoundError:
+            await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE, replicas=replicas))
+            report.created.append(f"kv {bucket}")
     for spec in CONSUMERS:
         label = f"consumer {spec.stream}/{spec.durable}"
         wanted = spec.config()

@@ -7,10 +7,10 @@ command produced, or a stable error `code`, a human `message` and the `field` at
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
-from msgspec import Struct
+from msgspec import UNSET, Meta, Struct, UnsetType
 
 from .events import E164, NonNegative, Positive, SecurityPolicy, Token
 
@@ -19,25 +19,88 @@ class Command(Struct, tag_field="command", kw_only=True, frozen=True):
     pass
 
 
+class TwilioCredentials(Struct, kw_only=True, frozen=True):
+    account_sid: str  # AC + 32 hex
+    auth_token: str  # a secret: encrypted at rest, never in events, logs or replies
+
+
+class SipCredentials(Struct, kw_only=True, frozen=True):
+    username: str
+    password: str  # a secret, as above
+
+
+class OutboundTrunkConfig(Struct, kw_only=True, frozen=True):
+    address: str  # host or IP of the trunk, without "sip:"
+    transport: Literal["auto", "udp", "tcp", "tls"] = "auto"
+    media_encryption: Literal["disabled", "allowed", "required"] = "allowed"
+    headers: dict[str, str] = {}
+    credentials: SipCredentials | None = None
+
+
+class InboundTrunkConfig(Struct, kw_only=True, frozen=True):
+    allowed_addresses: tuple[str, ...] = ()
+    allowed_numbers: tuple[str, ...] = ()
+    remote_domains: tuple[str, ...] = ()
+    credentials: SipCredentials | None = None
+
+
 class RegisterNumber(Command, tag="register_number", kw_only=True):
-    number: E164
+    """Register (import) a number: from Twilio (with `twilio` credentials) or as a SIP trunk."""
+
+    number: str  # E.164, validated with libphonenumber
     account_id: Token
     provider: Literal["twilio", "sip_trunk"] = "sip_trunk"
     label: str = ""
+    twilio: TwilioCredentials | None = None
+    outbound_trunk: OutboundTrunkConfig | None = None
+    inbound_trunk: InboundTrunkConfig | None = None
+
+
+class SyncNumber(Command, tag="sync_number", kw_only=True):
+    """Refresh a registered number's provider configuration; uses no quota."""
+
+    number: str
+    twilio: TwilioCredentials | None = None
+    outbound_trunk: OutboundTrunkConfig | None = None
+    inbound_trunk: InboundTrunkConfig | None = None
+
+
+class UpdateNumber(Command, tag="update_number", kw_only=True):
+    """Change the label and/or the agent; a field left out is left as it is."""
+
+    number: str
+    label: str | UnsetType = UNSET
+    agent_id: str | None | UnsetType = UNSET  # None unassigns
+    assignment_type: Literal["agent", "softphone"] = "agent"
 
 
 class AssignAgent(Command, tag="assign_agent", kw_only=True):
-    number: E164
+    number: str
     agent_id: str | None
+    assignment_type: Literal["agent", "softphone"] = "agent"
 
 
 class SetPolicy(Command, tag="set_policy", kw_only=True):
-    number: E164
+    number: str
     policy: SecurityPolicy
 
 
 class UnregisterNumber(Command, tag="unregister_number", kw_only=True):
-    number: E164
+    number: str
+    force: bool = False  # an assigned number is refused unless forced
+
+
+class GetNumber(Command, tag="get_number", kw_only=True):
+    number: str | None = None
+    number_id: str | None = None
+
+
+class ListNumbers(Command, tag="list_numbers", kw_only=True):
+    account_id: str | None = None
+
+
+class GetAccount(Command, tag="get_account", kw_only=True):
+    account_id: str
 
 
 class ConfigureAccount(Command, tag="configure_account", kw_only=True):
@@ -52,7 +115,7 @@ class ConfigureAccount(Command, tag="configure_account", kw_only=True):
 class CreditAccount(Command, tag="credit_account", kw_only=True):
     account_id: Token
     amount_millicredits: Positive
-    reference: str
+    reference: Annotated[str, Meta(min_length=1, max_length=200)]  # the same reference credits once
 
 
 class PlaceCall(Command, tag="place_call", kw_only=True):
@@ -64,8 +127,72 @@ class PlaceCall(Command, tag="place_call", kw_only=True):
 
 
 AnyCommand = (
-    RegisterNumber | AssignAgent | SetPolicy | UnregisterNumber | ConfigureAccount | CreditAccount | PlaceCall
+    RegisterNumber
+    | SyncNumber
+    | UpdateNumber
+    | AssignAgent
+    | SetPolicy
+    | UnregisterNumber
+    | GetNumber
+    | ListNumbers
+    | GetAccount
+    | ConfigureAccount
+    | CreditAccount
+    | PlaceCall
 )
+
+
+# -- what queries answer with (no secrets: a hint of the last four characters at most) --
+
+
+class TwilioView(Struct, kw_only=True):
+    account_sid: str
+    auth_token_hint: str | None = None
+
+
+class OutboundTrunkView(Struct, kw_only=True):
+    address: str
+    transport: str
+    media_encryption: str
+    headers: dict[str, str] = {}
+    username: str | None = None
+    password_hint: str | None = None
+
+
+class InboundTrunkView(Struct, kw_only=True):
+    allowed_addresses: tuple[str, ...] = ()
+    allowed_numbers: tuple[str, ...] = ()
+    remote_domains: tuple[str, ...] = ()
+    username: str | None = None
+    password_hint: str | None = None
+
+
+class NumberView(Struct, kw_only=True):
+    phone_number_id: str
+    phone_number: str
+    account_id: str
+    provider: Literal["twilio", "sip_trunk"]
+    label: str
+    sip_uri: str
+    agent_id: str | None = None
+    assignment_type: Literal["agent", "softphone"] | None = None
+    policy: SecurityPolicy = SecurityPolicy()
+    policy_version: int = 0
+    twilio: TwilioView | None = None
+    outbound_trunk: OutboundTrunkView | None = None
+    inbound_trunk: InboundTrunkView | None = None
+    version: int = 0  # stream sequence of the number's last event (optimistic concurrency)
+
+
+class AccountView(Struct, kw_only=True):
+    account_id: str
+    rate_millicredits_per_minute: int
+    text_price_millicredits: int
+    daily_voice_cap_s: int | None = None
+    per_call_max_s: int | None = None
+    timezone: str = "UTC"
+    numbers: int = 0
+    credited_millicredits: int = 0  # total of all top-ups (balances belong to the meter)
 
 
 class Reply(Struct, kw_only=True, omit_defaults=True):
@@ -73,7 +200,11 @@ class Reply(Struct, kw_only=True, omit_defaults=True):
     code: str | None = None  # stable, machine-readable: "conflict", "not_found", "invalid", ...
     message: str | None = None
     field: str | None = None
+    rule: str | None = None  # the validation rule broken, e.g. "e164", "cidr"
     event_ids: list[str] = []
+    number: NumberView | None = None  # get_number, and commands that change a number
+    numbers: list[NumberView] | None = None  # list_numbers
+    account: AccountView | None = None  # get_account, configure_account
 
 
 _command_decoder = msgspec.json.Decoder(AnyCommand)

@@ -162,6 +162,7 @@ class NumberRegistered(Event, tag="number.registered", kw_only=True):
     inbound_trunk: InboundTrunk | None = None
     outbound_trunk: OutboundTrunk | None = None
     secret_ref: str | None = None  # Twilio auth token reference, never the token
+    twilio_account_sid: str | None = None  # an identifier, not a secret
 
 
 class NumberAssigned(Event, tag="number.assigned", kw_only=True):
@@ -178,6 +179,22 @@ class NumberPolicySet(Event, tag="number.policy_set", kw_only=True):
 
 class NumberUnregistered(Event, tag="number.unregistered", kw_only=True):
     number: E164
+
+
+class NumberLabelSet(Event, tag="number.label_set", kw_only=True):
+    number: E164
+    label: str
+
+
+class NumberSynced(Event, tag="number.synced", kw_only=True):
+    """The provider side of a number was refreshed (trunks, credentials): no quota used."""
+
+    number: E164
+    provider: Literal["twilio", "sip_trunk"]
+    inbound_trunk: InboundTrunk | None = None
+    outbound_trunk: OutboundTrunk | None = None
+    secret_ref: str | None = None
+    twilio_account_sid: str | None = None
 
 
 class AccountConfigured(Event, tag="account.configured", kw_only=True):
@@ -319,6 +336,8 @@ AnyEvent = Union[
     NumberAssigned,
     NumberPolicySet,
     NumberUnregistered,
+    NumberLabelSet,
+    NumberSynced,
     AccountConfigured,
     AccountCredited,
     CallOffered,

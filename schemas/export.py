@@ -62,6 +62,8 @@ DESCRIPTIONS: Final[dict[str, str]] = {
     "number.assigned": "A number was assigned to an agent (agent_id null: unassigned).",
     "number.policy_set": "A number's admission policy was replaced; policy_version increments.",
     "number.unregistered": "A number was removed; its calls are refused from now on.",
+    "number.label_set": "A number's label was changed.",
+    "number.synced": "A number's provider configuration (trunks, credential references) was refreshed.",
     "account.configured": "An account's voice rate, text price, caps and timezone were set.",
     "account.credited": "Credits were bought for an account; reference is the idempotency key.",
     "call.offered": "A call reached the edge (inbound) or was placed by the dialer (outbound).",

@@ -43,7 +43,7 @@ def alive(pid: int) -> bool:
 
 def test_the_demo_runs_for_its_duration_and_shows_decisions_and_charges(tmp_path: Path) -> None:
     run = subprocess.run(
-        [*CALLPLANE, "up", "--demo", "--duration", "8", "--port", "0", "--home", str(tmp_path / "home")],
+        [*CALLPLANE, "up", "--demo", "--duration", "8", "--port", "0", "--http-port", "0", "--home", str(tmp_path / "home")],
         capture_output=True,
         text=True,
         timeout=120,
@@ -59,7 +59,7 @@ def test_the_demo_runs_for_its_duration_and_shows_decisions_and_charges(tmp_path
 
 def test_ctrl_c_stops_the_stack_and_leaves_no_process(tmp_path: Path) -> None:
     proc = subprocess.Popen(
-        [*CALLPLANE, "up", "--demo", "--port", "0", "--home", str(tmp_path / "home")],
+        [*CALLPLANE, "up", "--demo", "--port", "0", "--http-port", "0", "--home", str(tmp_path / "home")],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -20,6 +20,7 @@ from callplane.broker import publish
 from callplane.client import send
 from callplane.embedded import Stack
 from schemas import (
+    STREAMS,
     AnyEvent,
     CallAnswered,
     CallEnded,
@@ -114,7 +115,7 @@ async def test_nats_setup_twice_in_a_row_changes_nothing_the_second_time(js: Jet
     first = await topology.setup(js)
     second = await topology.setup(js)
     assert first.created == ["stream LEDGER"] and first.changed
-    assert not second.changed and len(second.unchanged) == len(topology.CONSUMERS) + 6
+    assert not second.changed and len(second.unchanged) == len(topology.CONSUMERS) + len(STREAMS) + len(topology.KV_BUCKETS)
 
 
 async def test_nats_setup_repairs_a_stream_someone_changed(js: JetStreamContext) -> None:

@@ -376,3 +376,27 @@ def inbound_trunk(t: InboundTrunk) -> InboundTrunk:
         allowed_numbers=_each(t.allowed_numbers, f"{field}.allowed_numbers", e164),
         remote_domains=_each(t.remote_domains, f"{field}.remote_domains", hostname),
     )
+
+
+MAX_LABEL = 200
+
+
+def label(value: object, field: str = "label") -> str:
+    """A human label: printable text, at most MAX_LABEL characters, trimmed."""
+    text = _text(value, field).strip()
+    if len(text) > MAX_LABEL:
+        raise Invalid(field, "max_length", f"must be at most {MAX_LABEL} characters")
+    if any(not ch.isprintable() for ch in text):
+        raise Invalid(field, "printable", "must not contain control characters")
+    return text
+
+
+MAX_SECRET = 512
+
+
+def secret_text(value: object, field: str) -> str:
+    """A secret (auth token, password): present and of sane size. Never quoted back."""
+    text = _text(value, field)
+    if not text or len(text) > MAX_SECRET:
+        raise Invalid(field, "secret_length", f"must be 1 to {MAX_SECRET} characters")
+    return text
