@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     catalog.add_argument("--readme", type=Path, help="replace the catalog between the markers in this file")
     catalog.set_defaults(run=cmd_schemas_catalog)
 
+    secrets_cmd = commands.add_parser("secrets", help="secrets at rest").add_subparsers(title="secrets commands")
+    rotate = secrets_cmd.add_parser("rotate", help="re-seal every stored secret under the newest key")
+    rotate.add_argument("--url", default=None, help="NATS URL (default $NATS_URL or nats://127.0.0.1:4222)")
+    rotate.set_defaults(run=cmd_secrets_rotate)
+
     from .admin_cli import add_admin_commands
 
     add_admin_commands(commands)
@@ -107,6 +112,24 @@ def cmd_nats_setup(args: argparse.Namespace) -> None:
         for line in report.lines():
             print(line)
         print("changed" if report.changed else "no change")
+
+    asyncio.run(run())
+
+
+def cmd_secrets_rotate(args: argparse.Namespace) -> None:
+    from schemas.commands import RotateSecrets
+
+    from .client import connect, send
+
+    async def run() -> None:
+        nc = await connect(args.url)
+        try:
+            reply = await send(nc, "provisioner", RotateSecrets(), timeout=60)
+        finally:
+            await nc.close()
+        if not reply.ok:
+            raise CliError(f"{reply.code}: {reply.message}")
+        print(reply.message)
 
     asyncio.run(run())
 

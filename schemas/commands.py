@@ -103,6 +103,10 @@ class GetAccount(Command, tag="get_account", kw_only=True):
     account_id: str
 
 
+class RotateSecrets(Command, tag="rotate_secrets", kw_only=True):
+    """Re-seal every stored secret under the newest key, so older keys can be retired."""
+
+
 class ConfigureAccount(Command, tag="configure_account", kw_only=True):
     account_id: Token
     rate_millicredits_per_minute: NonNegative = 30_000
@@ -136,6 +140,7 @@ AnyCommand = (
     | GetNumber
     | ListNumbers
     | GetAccount
+    | RotateSecrets
     | ConfigureAccount
     | CreditAccount
     | PlaceCall

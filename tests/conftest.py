@@ -28,9 +28,9 @@ async def nc(nats_url: str) -> AsyncIterator[Client]:
 
 @pytest.fixture
 async def js(nc: Client) -> JetStreamContext:
-    """JetStream with every stream and consumer freshly set up and empty."""
+    """JetStream with every stream, bucket and consumer freshly set up and empty."""
     context = nc.jetstream()
-    for name in STREAMS:
+    for name in [*STREAMS, *(f"KV_{bucket}" for bucket in topology.KV_BUCKETS)]:
         try:
             await context.delete_stream(name)
         except nats.js.errors.NotFoundError:

@@ -11,6 +11,7 @@ from nats.js import JetStreamContext
 from schemas import SecurityPolicy
 from schemas.commands import (
     GetNumber,
+    RotateSecrets,
     RegisterNumber,
     SetPolicy,
     TwilioCredentials,
@@ -147,3 +148,26 @@ async def test_invalid_commands_name_the_field_and_the_rule(js: JetStreamContext
     reply = await p.handle(command)
     assert (reply.ok, reply.code, reply.field, reply.rule) == (False, "invalid", field, rule)
     await p.stop()
+
+
+async def test_rotating_secrets_lets_the_old_key_be_retired(js: JetStreamContext) -> None:
+    old, new = SecretBox.generate_key(), SecretBox.generate_key()
+    before = Provisioner(js, ProvisionerSettings(callplane_secret_keys=old, http_port=-1))
+    await before.start()
+    twilio = TwilioCredentials(account_sid="AC" + "0123456789abcdef" * 2, auth_token=TOKEN)
+    assert (await before.handle(RegisterNumber(number=NUMBER, account_id="a", provider="twilio", twilio=twilio))).ok
+    await before.stop()
+
+    rotating = Provisioner(js, ProvisionerSettings(callplane_secret_keys=f"{new},{old}", http_port=-1))
+    await rotating.start()
+    reply = await rotating.handle(RotateSecrets())
+    assert reply.ok and reply.message == "re-sealed 1 secrets under the newest key"
+    await rotating.stop()
+
+    kv = await js.key_value("SECRETS")
+    [key] = await kv.keys()
+    from services.provisioner.app import SealedSecret
+    import msgspec
+
+    sealed = msgspec.json.decode((await kv.get(key)).value, type=SealedSecret)
+    assert SecretBox.from_keys(new).unseal(sealed.ciphertext) == TOKEN

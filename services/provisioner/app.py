@@ -26,7 +26,7 @@ from nats.js.kv import KeyValue
 
 from callplane.projection import Projection
 from schemas import Reply, decode_command, encode, encode_message, number_token, rpc, subject_for
-from schemas.commands import AnyCommand, GetAccount, GetNumber, ListNumbers
+from schemas.commands import AnyCommand, GetAccount, GetNumber, ListNumbers, RotateSecrets
 
 from .config import ProvisionerSettings
 from .core import Accepted, Refusal, Registry, Rules, decide, evolve, secrets_of, view_account, view_number
@@ -106,6 +106,8 @@ class Provisioner:
                 if command.account_id is not None:
                     views = [v for v in views if v.account_id == command.account_id]
                 return Reply(ok=True, numbers=views)
+            case RotateSecrets():
+                return await self.rotate_secrets()
             case GetAccount():
                 account = view_account(self.registry, command.account_id)
                 if account is None:
@@ -119,6 +121,31 @@ class Provisioner:
                     await self.projections["NUMBERS"].catch_up()
                     await asyncio.sleep(random.uniform(0, 0.01 * 2**attempt))  # de-synchronise rivals
         return Reply(ok=False, code="conflict", message="the number changed concurrently, again and again: retry", field="number")
+
+    async def rotate_secrets(self) -> Reply:
+        """Re-seal every secret under the first key (compare-and-set per entry)."""
+        if self.box is None or self.secrets is None:
+            return Reply(ok=False, code="invalid", message="no CALLPLANE_SECRET_KEYS configured", rule="secret_keys")
+        try:
+            keys = await self.secrets.keys()
+        except nats.js.errors.NoKeysError:
+            keys = []
+        rotated, unreadable = 0, 0
+        for key in keys:
+            entry = await self.secrets.get(key)
+            sealed = msgspec.json.decode(entry.value, type=SealedSecret)
+            try:
+                fresh = msgspec.structs.replace(sealed, ciphertext=self.box.rotate(sealed.ciphertext))
+            except SecretError:
+                unreadable += 1
+                continue
+            await self.secrets.update(key, msgspec.json.encode(fresh), last=entry.revision)
+            rotated += 1
+        log.info("secrets_rotated", rotated=rotated, unreadable=unreadable)
+        message = f"re-sealed {rotated} secrets under the newest key"
+        if unreadable:
+            return Reply(ok=False, code="secret_unreadable", message=f"{message}; {unreadable} no configured key opens")
+        return Reply(ok=True, message=message)
 
     def get_number(self, query: GetNumber) -> Reply:
         number = query.number or self.registry.ids.get(query.number_id or "")
