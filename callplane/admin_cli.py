@@ -309,7 +309,11 @@ def numbers_policy(args: argparse.Namespace) -> None:
         if not changes:
             return current
         policy = _apply(current.number.policy, changes)
-        return await ask(SetPolicy(number=current.number.phone_number, policy=policy))
+        return await ask(SetPolicy(
+            number=current.number.phone_number,
+            policy=policy,
+            expected_policy_version=current.number.policy_version,  # refused if changed meanwhile
+        ))
 
     reply = _converse(args, conversation)
     if args.json:

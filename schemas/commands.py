@@ -83,6 +83,8 @@ class AssignAgent(Command, tag="assign_agent", kw_only=True):
 class SetPolicy(Command, tag="set_policy", kw_only=True):
     number: str
     policy: SecurityPolicy
+    # Set it to the policy_version you read to be refused (conflict) if someone changed it since.
+    expected_policy_version: int | None = None
 
 
 class UnregisterNumber(Command, tag="unregister_number", kw_only=True):

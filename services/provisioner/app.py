@@ -28,6 +28,7 @@ from callplane.projection import Projection
 from schemas import Reply, decode_command, encode, encode_message, number_token, rpc, subject_for
 from schemas.commands import AnyCommand, GetAccount, GetNumber, ListNumbers, RotateSecrets
 
+from . import validation
 from .config import ProvisionerSettings
 from .core import Accepted, Refusal, Registry, Rules, decide, evolve, secrets_of, view_account, view_number
 from .secrets import SecretBox, SecretError, mask, new_secret_ref
@@ -148,7 +149,12 @@ class Provisioner:
         return Reply(ok=True, message=message)
 
     def get_number(self, query: GetNumber) -> Reply:
-        number = query.number or self.registry.ids.get(query.number_id or "")
+        number = self.registry.ids.get(query.number_id or "")
+        if query.number is not None:
+            try:
+                number = validation.e164(query.number)
+            except validation.Invalid as exc:
+                return Reply(ok=False, code="invalid", message=str(exc), field=exc.field, rule=exc.rule)
         record = self.registry.numbers.get(number or "")
         if record is None:
             return Reply(ok=False, code="not_found", message="no such number", field="number_id" if query.number_id else "number")

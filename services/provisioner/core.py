@@ -140,8 +140,9 @@ def evolve(registry: Registry, event: AnyEvent, *, sequence: int = 0) -> Registr
     """Fold one event in. Idempotent: an event at or below a number's version is skipped."""
     number = getattr(event, "number", None)
     record = registry.numbers.get(number) if number else None
-    if record is not None and sequence and sequence <= record.version:
-        return registry
+    known = record.version if record is not None else registry.retired.get(number or "", 0)
+    if sequence and sequence <= known:
+        return registry  # folded already (the adapter folds its own writes before the projection)
     match event:
         case NumberRegistered():
             if record is None:
@@ -250,6 +251,8 @@ def _decide(registry, command, *, now, new_id, rules, refs) -> Accepted | Refusa
                 ]
             )
 
+    if not hasattr(command, "number"):
+        return Refusal("invalid", f"the provisioner does not handle {type(command).__name__}", "command", "known_command")
     number = validation.e164(command.number)
     record = registry.numbers.get(number)
     if record is None:
@@ -273,6 +276,14 @@ def _decide(registry, command, *, now, new_id, rules, refs) -> Accepted | Refusa
                 )
             return Accepted(events, number, version)
         case SetPolicy():
+            if command.expected_policy_version not in (None, record.policy_version):
+                return Refusal(
+                    "conflict",
+                    f"the policy is at version {record.policy_version}, not {command.expected_policy_version}: "
+                    "read it again and reapply your change",
+                    "expected_policy_version",
+                    "stale",
+                )
             policy = validation.policy(command.policy)
             event = NumberPolicySet(**stamp(), number=number, policy=policy, policy_version=record.policy_version + 1)
             return Accepted([event], number, version)

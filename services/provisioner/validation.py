@@ -83,7 +83,11 @@ def e164(value: object, field: str = "number") -> str:
         raise Invalid(field, "e164", "is not a phone number (unknown country code?)", value) from None
     if (reason := phonenumbers.is_possible_number_with_reason(parsed)) != _POSSIBLE:
         raise Invalid(field, "e164", _IMPOSSIBLE.get(reason, "is not a possible number"), value)
-    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+    normalized = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+    if normalized.lstrip("+") != re.sub(r"\D", "", text):
+        # libphonenumber drops digits it reads as a national prefix: refuse rather than change the number.
+        raise Invalid(field, "e164", "is not in international form (digits would be dropped)", value)
+    return normalized
 
 
 def _no_leading_zero_octets(address: str) -> bool:

@@ -621,13 +621,6 @@ def test_an_event_at_or_below_the_numbers_version_is_skipped():
     assert (p.registry.numbers[NUMBER].label, p.registry.numbers[NUMBER].version) == ("stale", 3)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="evolve checks a sequence against a live number's version only: once a number is "
-    "unregistered, a late NumberRegistered at or below registry.retired[number] (the adapter folds "
-    "its own writes, then the projection delivers them again) brings the number back until its "
-    "NumberUnregistered arrives again",
-)
 def test_an_event_at_or_below_a_retired_version_is_skipped():
     p = registered_provisioner()
     [(_, registered)] = p.log
@@ -744,12 +737,6 @@ def test_view_account_shows_settings_numbers_and_credits():
     assert view_account(p.registry, "acct_unknown") is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="decide reads command.number before its fallback: a command without a `number` field "
-    "(PlaceCall, ListNumbers, ...) raises AttributeError instead of the 'known_command' refusal",
-)
 def test_a_command_the_provisioner_does_not_handle_is_invalid():
     outcome = Provisioner().run(PlaceCall(from_number=NUMBER, to="+14155550100"))
     assert refused(outcome) == ("invalid", "command", "known_command")
@@ -788,3 +775,12 @@ def test_replaying_the_event_log_from_scratch_gives_the_same_read_model(script):
     assert read_model(replayed) == read_model(p.registry)
     last = {e.number: sequence for sequence, e in p.log}
     assert {n: r.version for n, r in p.registry.numbers.items()} == {n: last[n] for n in p.registry.numbers}
+
+
+def test_a_policy_change_based_on_a_stale_version_is_a_conflict():
+    p = registered_provisioner()
+    assert isinstance(p.run(SetPolicy(number=NUMBER, policy=SecurityPolicy(max_concurrent_calls=1))), Accepted)
+    stale = p.run(SetPolicy(number=NUMBER, policy=SecurityPolicy(max_concurrent_calls=2), expected_policy_version=0))
+    assert isinstance(stale, Refusal) and (stale.code, stale.field, stale.rule) == ("conflict", "expected_policy_version", "stale")
+    fresh = p.run(SetPolicy(number=NUMBER, policy=SecurityPolicy(max_concurrent_calls=2), expected_policy_version=1))
+    assert isinstance(fresh, Accepted) and fresh.events[0].policy_version == 2
