@@ -14,9 +14,13 @@ Decisions:
   Nothing else returns 5xx; an unexpected failure is a JSON 500 with code "internal".
 - Every error body is `{"code", "message", "field"?, "rule"?}`; `field` names the request field
   at fault in the request's own terms ("phone_number", "sid", "allowed_cidrs[0]").
-- Secrets (Twilio token, SIP passwords, trunk header values) never come back: responses carry
-  hints of the last four characters at most, and every error message and logged traceback is
-  scrubbed of the secret values of the request that caused it.
+- Secrets (Twilio token, SIP passwords) never come back: responses carry hints of the last four
+  characters at most. Error messages and logged tracebacks are scrubbed, too, of every value the
+  request held under a secret-looking key (token, password, credentials, headers, ...), so an
+  echo of input (msgspec quotes a bad enum value) cannot carry one out.
+- Unknown query parameters are ignored; `force` must be true or false.
+- A policy has an ETag, its policy_version: PUT it with `If-Match: "<version>"` to be refused
+  (412) if someone changed it since you read it.
 - If ADMIN_TOKEN is set, every /v1 route wants `Authorization: Bearer <token>`;
   /openapi.json and /healthz stay open.
 """
@@ -27,10 +31,10 @@ import hmac
 import re
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
 import nats.errors
@@ -60,11 +64,14 @@ from schemas.commands import (
     UnregisterNumber,
     UpdateNumber,
 )
-from schemas.events import NonNegative, Positive, Token
+from schemas.events import Token
 
 from .config import ProvisionerSettings
 from .core import SIP_URI_TEMPLATE, Accepted, decide
 from .secrets import mask
+
+if TYPE_CHECKING:
+    from .app import Provisioner
 
 log = structlog.get_logger()
 
@@ -106,18 +113,24 @@ class SyncPhoneNumber(Struct, kw_only=True):
     inbound_trunk: InboundTrunkConfig | None = None
 
 
+# The meter keeps money and caps in DuckDB BIGINT columns; schemas' NonNegative and Positive have
+# no upper bound yet, so without this a credit of 10**30 would be accepted and break the ledger.
+Int64 = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+PositiveInt64 = Annotated[int, Meta(gt=0, le=2**63 - 1)]
+
+
 class AccountSettings(Struct, kw_only=True):
     """An account's prices and caps (PUT replaces them all: left out means the default)."""
 
-    rate_millicredits_per_minute: NonNegative = 30_000
-    text_price_millicredits: NonNegative = 0
-    daily_voice_cap_s: NonNegative | None = None
-    per_call_max_s: Positive | None = None
+    rate_millicredits_per_minute: Int64 = 30_000
+    text_price_millicredits: Int64 = 0
+    daily_voice_cap_s: Int64 | None = None
+    per_call_max_s: PositiveInt64 | None = None
     timezone: Annotated[str, Meta(description="IANA time zone, e.g. Europe/Warsaw")] = "UTC"
 
 
 class Credit(Struct, kw_only=True):
-    amount_millicredits: Positive
+    amount_millicredits: PositiveInt64
     reference: Annotated[str, Meta(min_length=1, max_length=200, description="idempotency key: credits once")]
 
 
@@ -156,7 +169,9 @@ class Health(Struct, kw_only=True):
 
 
 class ErrorBody(Struct, kw_only=True, omit_defaults=True):
-    code: str  # stable: malformed, invalid, unauthorized, not_found, method_not_allowed, conflict, ...
+    # Stable: malformed, invalid, unauthorized, not_found, method_not_allowed, conflict,
+    # quota_exceeded, too_large, unavailable, internal.
+    code: str
     message: str
     field: str | None = None
     rule: str | None = None
@@ -165,6 +180,7 @@ class ErrorBody(Struct, kw_only=True, omit_defaults=True):
 # -- errors -------------------------------------------------------------------------
 
 STATUS_OF_CODE = {"invalid": 422, "not_found": 404, "conflict": 409, "quota_exceeded": 409, "unauthorized": 401}
+STALE = "stale"  # the rule of a conflict with the version in If-Match: 412 Precondition Failed
 
 
 class ApiError(Exception):
@@ -175,7 +191,7 @@ class ApiError(Exception):
 
 def refused(reply: Reply, names: dict[str, str]) -> ApiError:
     """A refusal from the provisioner, in the request's own field names."""
-    status = STATUS_OF_CODE.get(reply.code or "")
+    status = 412 if reply.rule == STALE else STATUS_OF_CODE.get(reply.code or "")
     if status is None:
         raise RuntimeError(f"the provisioner answered with an unknown code {reply.code!r}")
     field, message = reply.field, reply.message or reply.code or ""
@@ -239,7 +255,7 @@ def scrub(text: str, secrets: set[str]) -> str:
 @dataclass(frozen=True)
 class Param:
     name: str
-    where: Literal["path", "query"]
+    where: Literal["path", "query", "header"]
     schema: dict[str, Any]
     description: str = ""
 
@@ -257,7 +273,7 @@ class Operation:
     errors: tuple[int, ...] = ()
     body: type | None = None
     body_required: bool = True
-    query: tuple[Param, ...] = ()
+    params: tuple[Param, ...] = ()  # query and header parameters
     protected: bool = True  # wants the admin token, if one is set
     headers: tuple[str, ...] = ()  # response headers of the success status
 
@@ -266,6 +282,7 @@ NUMBER_ID = Param("phone_number_id", "path", {"type": "string", "minLength": 1},
 ACCOUNT_ID = Param("account_id", "path", {"type": "string", "minLength": 1})
 PATH_PARAMS = {p.name: p for p in (NUMBER_ID, ACCOUNT_ID)}
 BY_ID_NAMES = {"number": "phone_number_id"}
+IF_MATCH = Param("If-Match", "header", {"type": "string"}, 'the ETag of the policy you read, e.g. "3"')
 
 
 def twilio_names(sid: str | None, token: str | None) -> dict[str, str]:
@@ -282,6 +299,22 @@ def twilio(sid: str | None, token: str | None) -> TwilioCredentials | None:
     if sid is None and token is None:
         return None
     return TwilioCredentials(account_sid=sid or "", auth_token=token or "")
+
+
+def policy_response(view: NumberView) -> Response:
+    body = PolicyView(policy=view.policy, policy_version=view.policy_version)
+    return json_response(200, body, {"ETag": f'"{view.policy_version}"'})
+
+
+def expected_version(request: Request) -> int | None:
+    """If-Match: '"3"' (or 3) expects policy_version 3; absent or '*' expects nothing."""
+    value = request.headers.get("if-match", "*").strip()
+    if value == "*":
+        return None
+    if not re.fullmatch(r'"?[0-9]{1,18}"?', value) or value.count('"') == 1:
+        message = 'If-Match: must be the ETag of the policy, e.g. "3"'
+        raise ApiError(422, ErrorBody(code="invalid", message=message, field="If-Match", rule="etag"))
+    return int(value.strip('"'))
 
 
 def query_flag(request: Request, name: str) -> bool:
@@ -320,7 +353,7 @@ def command(cls: type, **fields: object):  # noqa: ANN201
 
 
 class AdminApi:
-    def __init__(self, provisioner, settings: ProvisionerSettings) -> None:  # noqa: ANN001
+    def __init__(self, provisioner: Provisioner, settings: ProvisionerSettings) -> None:
         self.provisioner = provisioner
         self.settings = settings
 
@@ -369,14 +402,17 @@ class AdminApi:
 
     async def get_policy(self, request: Request) -> Response:
         view = await self.number_of(request)
-        return json_response(200, PolicyView(policy=view.policy, policy_version=view.policy_version))
+        return policy_response(view)
 
     async def put_policy(self, request: Request) -> Response:
         policy: SecurityPolicy = await read_body(request, SecurityPolicy)
+        expected = expected_version(request)
         view = await self.number_of(request)
-        view = (await self.ask(SetPolicy(number=view.phone_number, policy=policy), {**BY_ID_NAMES, "policy": ""})).number
+        cmd = SetPolicy(number=view.phone_number, policy=policy, expected_policy_version=expected)
+        names = {**BY_ID_NAMES, "policy": "", "expected_policy_version": "If-Match"}
+        view = (await self.ask(cmd, names)).number
         assert view is not None
-        return json_response(200, PolicyView(policy=view.policy, policy_version=view.policy_version))
+        return policy_response(view)
 
     async def usage(self, request: Request) -> Response:
         view = await self.number_of(request)
@@ -450,16 +486,18 @@ class AdminApi:
             Operation("POST", n, self.create_number, "Import (register) a number", 201, NumberView,
                       (*body_errors, 409), CreatePhoneNumber, headers=("Location",)),
             Operation("GET", n, self.list_numbers, "List numbers", 200, PhoneNumberList,
-                      query=(Param("account_id", "query", {"type": "string"}, "only this account's numbers"),)),
+                      params=(Param("account_id", "query", {"type": "string"}, "only this account's numbers"),)),
             Operation("GET", by_id, self.get_number, "Get a number", 200, NumberView, (404,)),
             Operation("PATCH", by_id, self.update_number, "Update the label or the agent (agent_id null unassigns)",
                       200, NumberView, (*body_errors, 404, 409), UpdatePhoneNumber),
             Operation("DELETE", by_id, self.delete_number, "Delete a number (409 while assigned, unless force=true)",
                       204, None, (404, 409, 422),
-                      query=(Param("force", "query", {"type": "boolean"}, "delete even while assigned"),)),
-            Operation("GET", f"{by_id}/security-policy", self.get_policy, "Get the security policy", 200, PolicyView, (404,)),
-            Operation("PUT", f"{by_id}/security-policy", self.put_policy, "Replace the security policy",
-                      200, PolicyView, (*body_errors, 404, 409), SecurityPolicy),
+                      params=(Param("force", "query", {"type": "boolean"}, "delete even while assigned"),)),
+            Operation("GET", f"{by_id}/security-policy", self.get_policy, "Get the security policy (ETag: its version)",
+                      200, PolicyView, (404,), headers=("ETag",)),
+            Operation("PUT", f"{by_id}/security-policy", self.put_policy,
+                      "Replace the security policy (If-Match: only if still at that version)",
+                      200, PolicyView, (*body_errors, 404, 409, 412), SecurityPolicy, params=(IF_MATCH,), headers=("ETag",)),
             Operation("GET", f"{by_id}/usage", self.usage, "Who uses the number; can it be deleted", 200, Usage, (404,)),
             Operation("POST", f"{by_id}/sync", self.sync_number, "Refresh the provider configuration (no quota)",
                       200, NumberView, (*body_errors, 404, 409), SyncPhoneNumber, body_required=False),
@@ -530,8 +568,10 @@ ERROR_MEANINGS = {
     404: "no such resource",
     405: "method not allowed",
     409: "conflicts with the current state (already registered, assigned, quota exceeded)",
+    412: "If-Match names another version than the current one",
     413: "body too large",
     422: "invalid input: `field` and `rule` say which and why",
+    503: "the message broker is unreachable: retry",
 }
 _REF = "#/components/schemas/{name}"
 
@@ -546,7 +586,7 @@ def openapi(operations: list[Operation], settings: ProvisionerSettings) -> dict[
     for op in operations:
         path_params = [PATH_PARAMS[name] for name in re.findall(r"{(\w+)}", op.path)]
         item: dict[str, Any] = {"summary": op.summary, "operationId": op.handler.__name__}
-        params = [*path_params, *op.query]
+        params = [*path_params, *op.params]
         if params:
             item["parameters"] = [
                 {"name": p.name, "in": p.where, "required": p.where == "path", "schema": p.schema}
@@ -564,6 +604,8 @@ def openapi(operations: list[Operation], settings: ProvisionerSettings) -> dict[
         if op.returns is CreditReceipt:
             responses["200"] = {"description": "the reference was applied before", "content": {JSON: {"schema": ref[CreditReceipt]}}}
         errors = set(op.errors) | {405} | ({404} if path_params else set()) | ({401} if op.protected else set())
+        if op.method != "GET":  # a write goes through NATS; reads are answered from memory
+            errors.add(503)
         for status in sorted(errors):
             responses[str(status)] = {"description": ERROR_MEANINGS[status], "content": {JSON: {"schema": ref[ErrorBody]}}}
         item["responses"] = responses
@@ -588,7 +630,7 @@ def openapi(operations: list[Operation], settings: ProvisionerSettings) -> dict[
 # -- the app ------------------------------------------------------------------------
 
 
-def build_app(provisioner, settings: ProvisionerSettings) -> Starlette:  # noqa: ANN001
+def build_app(provisioner: Provisioner, settings: ProvisionerSettings) -> Starlette:
     """The admin API of a started Provisioner, as an ASGI app."""
     api = AdminApi(provisioner, settings)
     operations = api.operations()
@@ -604,7 +646,7 @@ def build_app(provisioner, settings: ProvisionerSettings) -> Starlette:  # noqa:
     return app
 
 
-def _grouped(api: AdminApi, operations: list[Operation]):  # noqa: ANN202
+def _grouped(api: AdminApi, operations: list[Operation]) -> Iterator[tuple[str, Callable, list[str]]]:
     """One Route per path, so a wrong method's 405 lists every allowed method in `Allow`."""
     by_path: dict[str, dict[str, Operation]] = {}
     for op in operations:
