@@ -70,13 +70,13 @@ class UpdateNumber(Command, tag="update_number", kw_only=True):
 
     number: str
     label: str | UnsetType = UNSET
-    agent_id: str | None | UnsetType = UNSET  # None unassigns
-    assignment_type: Literal["agent", "softphone"] = "agent"
+    agent_id: Token | None | UnsetType = UNSET  # None unassigns
+    assignment_type: Literal["agent", "softphone"] | UnsetType = UNSET  # left out: kept (or "agent")
 
 
 class AssignAgent(Command, tag="assign_agent", kw_only=True):
     number: str
-    agent_id: str | None
+    agent_id: Token | None
     assignment_type: Literal["agent", "softphone"] = "agent"
 
 

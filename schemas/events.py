@@ -29,8 +29,9 @@ Timestamp = Annotated[
         description="RFC 3339 UTC with milliseconds, e.g. 2026-11-21T09:59:07.123Z",
     ),
 ]
-NonNegative = Annotated[int, Meta(ge=0)]
-Positive = Annotated[int, Meta(gt=0)]
+INT64_MAX = 2**63 - 1  # ledgers store amounts as BIGINT
+NonNegative = Annotated[int, Meta(ge=0, le=INT64_MAX)]
+Positive = Annotated[int, Meta(gt=0, le=INT64_MAX)]
 HHMM = Annotated[str, Meta(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")]
 Prefix = Annotated[str, Meta(pattern=r"^\+[0-9]{1,15}$")]
 VariableValue = Union[str, int, float, bool]

@@ -10,7 +10,7 @@ from typing import Any, Final
 import msgspec
 from msgspec import inspect as mi
 
-from .events import E164, EVENT_TYPES, TYPES_BY_TAG, Caller, Event, Timestamp, Token, tag_of
+from .events import E164, EVENT_TYPES, INT64_MAX, TYPES_BY_TAG, Caller, Event, Timestamp, Token, tag_of
 from .subjects import STREAMS, stream_of
 
 JSON_SCHEMA_DIALECT: Final = "https://json-schema.org/draft/2020-12/schema"
@@ -247,7 +247,8 @@ def type_name(t: mi.Type) -> str:
             return _PATTERN_NAMES.get(t.pattern, "string")
         case mi.IntType():
             bounds = [f">= {t.ge}"] * (t.ge is not None) + [f"> {t.gt}"] * (t.gt is not None)
-            bounds += [f"<= {t.le}"] * (t.le is not None) + [f"< {t.lt}"] * (t.lt is not None)
+            # The int64 ceiling every amount has is storage, not meaning: leave it out of the catalog.
+            bounds += [f"<= {t.le}"] * (t.le not in (None, INT64_MAX)) + [f"< {t.lt}"] * (t.lt is not None)
             return "int " + ", ".join(bounds) if bounds else "int"
         case mi.LiteralType():
             if len(t.values) > 6:

@@ -359,11 +359,6 @@ async def test_bad_account_input_is_a_4xx(api: httpx.AsyncClient) -> None:
     assert_error(await api.post("/v1/accounts/acct_1/credits", json=credit), 422, "invalid", "reference")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core._decide(UpdateNumber) emits NumberAssigned only when agent_id changes, "
-    "so a new assignment_type for the same agent is dropped",
-)
 async def test_changing_only_the_assignment_type_of_an_assigned_number_is_applied(api: httpx.AsyncClient) -> None:
     number = await register(api)
     url = f"/v1/phone-numbers/{number['phone_number_id']}"

@@ -264,16 +264,13 @@ def _decide(registry, command, *, now, new_id, rules, refs) -> Accepted | Refusa
             label = getattr(command, "label", None)
             if isinstance(label, str) and validation.label(label) != record.label:
                 events.append(NumberLabelSet(**stamp(), number=number, label=validation.label(label)))
-            if command.agent_id is not UNSET and command.agent_id != record.agent_id:
-                agent_id = command.agent_id
-                events.append(
-                    NumberAssigned(
-                        **stamp(),
-                        number=number,
-                        agent_id=agent_id,
-                        assignment_type=command.assignment_type if agent_id is not None else None,
-                    )
-                )
+            agent_id = record.agent_id if command.agent_id is UNSET else command.agent_id
+            kind = command.assignment_type
+            if kind is UNSET:
+                kind = (record.assignment_type if agent_id == record.agent_id else None) or "agent"
+            kind = kind if agent_id is not None else None
+            if (agent_id, kind) != (record.agent_id, record.assignment_type):
+                events.append(NumberAssigned(**stamp(), number=number, agent_id=agent_id, assignment_type=kind))
             return Accepted(events, number, version)
         case SetPolicy():
             if command.expected_policy_version not in (None, record.policy_version):

@@ -64,7 +64,7 @@ from schemas.commands import (
     UnregisterNumber,
     UpdateNumber,
 )
-from schemas.events import Token
+from schemas.events import NonNegative, Positive, Token
 
 from .config import ProvisionerSettings
 from .core import SIP_URI_TEMPLATE, Accepted, decide
@@ -113,24 +113,22 @@ class SyncPhoneNumber(Struct, kw_only=True):
     inbound_trunk: InboundTrunkConfig | None = None
 
 
-# The meter keeps money and caps in DuckDB BIGINT columns; schemas' NonNegative and Positive have
-# no upper bound yet, so without this a credit of 10**30 would be accepted and break the ledger.
-Int64 = Annotated[int, Meta(ge=0, le=2**63 - 1)]
-PositiveInt64 = Annotated[int, Meta(gt=0, le=2**63 - 1)]
+
+
 
 
 class AccountSettings(Struct, kw_only=True):
     """An account's prices and caps (PUT replaces them all: left out means the default)."""
 
-    rate_millicredits_per_minute: Int64 = 30_000
-    text_price_millicredits: Int64 = 0
-    daily_voice_cap_s: Int64 | None = None
-    per_call_max_s: PositiveInt64 | None = None
+    rate_millicredits_per_minute: NonNegative = 30_000
+    text_price_millicredits: NonNegative = 0
+    daily_voice_cap_s: NonNegative | None = None
+    per_call_max_s: Positive | None = None
     timezone: Annotated[str, Meta(description="IANA time zone, e.g. Europe/Warsaw")] = "UTC"
 
 
 class Credit(Struct, kw_only=True):
-    amount_millicredits: PositiveInt64
+    amount_millicredits: Positive
     reference: Annotated[str, Meta(min_length=1, max_length=200, description="idempotency key: credits once")]
 
 
