@@ -3,7 +3,7 @@
 Acknowledgement policy, chosen on purpose (FastStream's NATS default TERMs a message
 on any exception, i.e. drops it):
 
-    decoded and handled         -> ack
+    decoded and handled         -> its output events published, then ack
     undecodable, or breaks the contract (bad JSON, unknown type, wrong subject)
                                 -> copied to dlq.<subject> with reason headers, then ack
     handler raised              -> nak with backoff, up to topology.MAX_DELIVER times;
@@ -15,7 +15,7 @@ So a poison message never loops and never stops the consumer, and nothing is los
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 import nats.errors
 import structlog
@@ -33,7 +33,10 @@ from .config import NatsSettings
 
 log = structlog.get_logger()
 
-Handler = Callable[[AnyEvent, Msg.Metadata], Awaitable[None]]
+# A handler gets one decoded event and returns the events it produced; the runtime
+# publishes them (in order, Nats-Msg-Id = event_id) and acks the input only after
+# JetStream has acknowledged every one, so a crash in between redelivers the input.
+Handler = Callable[[AnyEvent, Msg.Metadata], Awaitable[Sequence[Event]]]
 
 # Headers on a dead-lettered message.
 DLQ_REASON = "Callplane-Dlq-Reason"
@@ -91,7 +94,9 @@ async def deliver(msg: Msg, handle: Handler) -> None:
     call_id = getattr(event, "call_id", None)
     with structlog.contextvars.bound_contextvars(event_id=event.event_id, call_id=call_id):
         try:
-            await handle(event, meta)
+            produced = await handle(event, meta)
+            if produced:
+                await publish_all(msg._client.jetstream(), produced)
         except Exception as exc:  # noqa: BLE001 - the ack policy above is the handler of last resort
             if meta.num_delivered >= topology.MAX_DELIVER:
                 log.error("handler_failed_dead_lettered", subject=msg.subject, exc_info=exc)

@@ -38,6 +38,7 @@ class Recorder:
             raise RuntimeError("handler bug")
         self.seen.append(event)
         self.arrived.set()
+        return []
 
 
 async def running(nats_url: str, handler: Recorder):

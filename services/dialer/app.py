@@ -43,11 +43,12 @@ class Dialer:
         log.info("call_dispatched", call_id=offer.call_id, to=offer.to)
         return Reply(ok=True, event_ids=[offer.event_id])
 
-    async def on_call_event(self, event: AnyEvent, _meta: Msg.Metadata) -> None:
+    async def on_call_event(self, event: AnyEvent, _meta: Msg.Metadata) -> list:
         call_id = getattr(event, "call_id", None)
         if call_id in self.outbound and (status := next_status(event)):
             self.outbound[call_id] = status
             log.info("outbound_call_status", status=status)
+        return []
 
 
 async def wire(broker: NatsBroker, js: JetStreamContext, _settings: object):

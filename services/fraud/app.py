@@ -8,9 +8,9 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from callplane import topology
-from callplane.broker import consume, publish
+from callplane.broker import consume
 from callplane.projection import Projection
-from schemas import AnyEvent, CallOffered
+from schemas import AnyEvent, CallOffered, Event
 
 from .core import State, evolve, observe
 
@@ -23,13 +23,14 @@ class Fraud:
         self.state = State()
         self.numbers = Projection(js, "NUMBERS", lambda e: evolve(self.state, e))
 
-    async def on_offered(self, event: AnyEvent, _meta: Msg.Metadata) -> None:
+    async def on_offered(self, event: AnyEvent, _meta: Msg.Metadata) -> list[Event]:
         if not isinstance(event, CallOffered):
-            return
+            return []
         alert = observe(self.state, event)
-        if alert is not None:
-            await publish(self.js, alert)
-            log.warning("fraud_alert", number=alert.number, rule=alert.rule, count=alert.count, threshold=alert.threshold)
+        if alert is None:
+            return []
+        log.warning("fraud_alert", number=alert.number, rule=alert.rule, count=alert.count, threshold=alert.threshold)
+        return [alert]
 
 
 async def wire(broker: NatsBroker, js: JetStreamContext, _settings: object):

@@ -11,9 +11,9 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from callplane import topology
-from callplane.broker import consume, publish
+from callplane.broker import consume
 from callplane.projection import Projection
-from schemas import AnyEvent, CallAccepted, CallOffered
+from schemas import AnyEvent, CallAccepted, CallOffered, Event
 
 from .core import State, decide, evolve
 
@@ -27,17 +27,17 @@ class Gatekeeper:
         self.state = State()
         self.numbers = Projection(js, "NUMBERS", lambda e: evolve(self.state, e))
 
-    async def on_call_event(self, event: AnyEvent, _meta: Msg.Metadata) -> None:
+    async def on_call_event(self, event: AnyEvent, _meta: Msg.Metadata) -> list[Event]:
         if not isinstance(event, CallOffered):
             evolve(self.state, event)  # answered / missed / ended free or keep slots
-            return
+            return []
         outcome = decide(self.state, event, now=self.clock())
         evolve(self.state, outcome)  # take the slot before any await: exact under concurrency
-        await publish(self.js, outcome)
         if isinstance(outcome, CallAccepted):
             log.info("call_accepted", number=outcome.number, agent_id=outcome.agent_id)
         else:
             log.info("call_rejected", number=outcome.number, reason=outcome.reason, sip_status=outcome.sip_status)
+        return [outcome]
 
 
 async def wire(broker: NatsBroker, js: JetStreamContext, _settings: object):

@@ -12,7 +12,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from callplane import topology
-from callplane.broker import consume, publish_all
+from callplane.broker import consume
 from schemas import (
     AccountConfigured,
     AccountCredited,
@@ -45,16 +45,16 @@ class Meter:
         self.con = con
 
     def handler(self, consumer: str) -> Callable:
-        async def handle(event: AnyEvent, meta: Msg.Metadata) -> None:
-            await self.on_event(event, consumer, meta.sequence.stream)
+        async def handle(event: AnyEvent, meta: Msg.Metadata) -> list[Event]:
+            return self.on_event(event, consumer, meta.sequence.stream)
 
         return handle
 
-    async def on_event(self, event: AnyEvent, consumer: str, sequence: int) -> None:
+    def on_event(self, event: AnyEvent, consumer: str, sequence: int) -> list[Event]:
+        """Apply a source event once; return the ledger.* events to publish (again, on a redelivery)."""
         if ledger.already_applied(self.con, event.event_id):
             # Applied before; the publish may not have happened: send the outbox again.
-            await publish_all(self.js, [decode(raw) for raw in ledger.outbox(self.con, event.event_id)])
-            return
+            return [decode(raw) for raw in ledger.outbox(self.con, event.event_id)]
         self.con.begin()
         try:
             produced = self.apply(event)
@@ -63,7 +63,7 @@ class Meter:
         except BaseException:
             self.con.rollback()
             raise
-        await publish_all(self.js, produced)
+        return produced
 
     def apply(self, event: AnyEvent) -> list[Event]:
         """Write one source event's effect; return the ledger.* events it produced."""
