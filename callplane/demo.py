@@ -136,8 +136,9 @@ class Edge:
 
     async def talk(self, accepted: CallAccepted) -> None:
         call = {"call_id": accepted.call_id, "number": accepted.number}
-        await asyncio.sleep(0.2)
-        await self._emit(CallAnswered(event_id=_id("ev"), occurred_at=_now(), **call))
+        if not accepted.auto_answer:  # the gatekeeper answers auto-answer calls itself
+            await asyncio.sleep(0.2)
+            await self._emit(CallAnswered(event_id=_id("ev"), occurred_at=_now(), **call))
         await asyncio.sleep(self.rng.uniform(0.5, 2.5))
         responses = self.rng.randrange(1, 12)
         await self._emit(CallAgentReplied(event_id=_id("ev"), occurred_at=_now(), model="demo-llm", responses=responses, **call))
@@ -186,6 +187,7 @@ async def run_demo(url: str, *, duration: float | None = None, out: TextIO = sys
     nc = await nats.connect(url)
     try:
         await provision(nc)
+        await asyncio.sleep(1.0)  # let the meter see the top-up before the first hold
         edge = Edge(nc, summary, random.Random(seed))
 
         async def on_charged(msg: Msg) -> None:

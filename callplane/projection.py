@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from datetime import UTC, datetime
 
 import nats.errors
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from collections.abc import Callable
 import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from schemas import STREAMS, AnyEvent, DecodeError, decode
 
@@ -24,8 +25,17 @@ log = structlog.get_logger()
 
 
 class Projection:
-    def __init__(self, js: JetStreamContext, stream: str, apply: Callable[[AnyEvent], None]) -> None:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        stream: str,
+        apply: Callable[[AnyEvent], None],
+        *,
+        since: datetime | None = None,
+    ) -> None:
+        """`since`: replay only the events stored from that time on (e.g. the last day)."""
         self._js = js
+        self._since = since
         self._stream = stream
         self._apply = apply
         self._caught_up = asyncio.Event()
@@ -35,14 +45,19 @@ class Projection:
 
     async def follow(self, timeout: float = 60.0) -> None:
         self._target = (await self._js.stream_info(self._stream)).state.last_seq
-        if self._target == 0:
+        nothing_to_replay = self._target == 0
+        if not nothing_to_replay and self._since is not None:
+            last = await self._js.get_msg(self._stream, seq=self._target)
+            nothing_to_replay = last.time is not None and _aware(last.time) < self._since
+        if nothing_to_replay:
             self._caught_up.set()
+        options = (
+            {"deliver_policy": DeliverPolicy.BY_START_TIME, "config": ConsumerConfig(opt_start_time=_rfc3339(self._since))}
+            if self._since is not None
+            else {"deliver_policy": DeliverPolicy.ALL}
+        )
         self._sub = await self._js.subscribe(
-            STREAMS[self._stream],
-            stream=self._stream,
-            ordered_consumer=True,
-            deliver_policy=DeliverPolicy.ALL,
-            cb=self._on_message,
+            STREAMS[self._stream], stream=self._stream, ordered_consumer=True, cb=self._on_message, **options
         )
         await asyncio.wait_for(self._caught_up.wait(), timeout)
         log.info("projection_ready", stream=self._stream, position=self.position)
@@ -70,3 +85,12 @@ class Projection:
             log.warning("projection_skipped_undecodable", stream=self._stream, position=self.position, error=str(exc))
         if self.position >= self._target:
             self._caught_up.set()
+
+
+def _rfc3339(when: datetime) -> str:
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+
+def _aware(when: datetime) -> datetime:
+    return when if when.tzinfo else when.replace(tzinfo=UTC)

@@ -116,12 +116,28 @@ class ConfigureAccount(Command, tag="configure_account", kw_only=True):
     daily_voice_cap_s: NonNegative | None = None
     per_call_max_s: Positive | None = None
     timezone: str = "UTC"
+    allowed_high_risk_prefixes: tuple[str, ...] = ()  # outbound premium / revenue-share ranges allowed
 
 
 class CreditAccount(Command, tag="credit_account", kw_only=True):
     account_id: Token
     amount_millicredits: Positive
     reference: Annotated[str, Meta(min_length=1, max_length=200)]  # the same reference credits once
+
+
+class HoldCredit(Command, tag="hold_credit", kw_only=True):
+    """Gatekeeper to meter: reserve the first minute of an admitted call (idempotent by call_id)."""
+
+    call_id: Token
+    account_id: Token
+    number: str
+
+
+class AnswerCall(Command, tag="answer_call", kw_only=True):
+    """An agent that answers by itself (auto_answer off) picks up a ringing call."""
+
+    call_id: Token
+    number: str
 
 
 class PlaceCall(Command, tag="place_call", kw_only=True):
@@ -146,6 +162,8 @@ AnyCommand = (
     | ConfigureAccount
     | CreditAccount
     | PlaceCall
+    | HoldCredit
+    | AnswerCall
 )
 
 
@@ -198,8 +216,15 @@ class AccountView(Struct, kw_only=True):
     daily_voice_cap_s: int | None = None
     per_call_max_s: int | None = None
     timezone: str = "UTC"
+    allowed_high_risk_prefixes: tuple[str, ...] = ()
     numbers: int = 0
     credited_millicredits: int = 0  # total of all top-ups (balances belong to the meter)
+
+
+class HoldView(Struct, kw_only=True):
+    hold_id: str
+    amount_millicredits: int
+    max_duration_s: int | None = None  # None: no cap applies
 
 
 class Reply(Struct, kw_only=True, omit_defaults=True):
@@ -212,6 +237,7 @@ class Reply(Struct, kw_only=True, omit_defaults=True):
     number: NumberView | None = None  # get_number, and commands that change a number
     numbers: list[NumberView] | None = None  # list_numbers
     account: AccountView | None = None  # get_account, configure_account
+    hold: HoldView | None = None  # hold_credit
 
 
 _command_decoder = msgspec.json.Decoder(AnyCommand)

@@ -55,6 +55,8 @@ RejectReason = Literal[
     "insufficient_credits",
     "webhook_rejected",
     "billing_unavailable",
+    "destination_blocked",
+    "destination_high_risk",
 ]
 
 # SPEC section 4: the SIP status that goes with every refusal.
@@ -73,6 +75,8 @@ SIP_STATUS: dict[str, int] = {
     "insufficient_credits": 402,
     "webhook_rejected": 603,
     "billing_unavailable": 503,
+    "destination_blocked": 403,  # outbound: the policy blocks the called prefix
+    "destination_high_risk": 403,  # outbound: premium / revenue-share range the account has not allowed
 }
 
 
@@ -205,6 +209,8 @@ class AccountConfigured(Event, tag="account.configured", kw_only=True):
     daily_voice_cap_s: NonNegative | None = None
     per_call_max_s: Positive | None = None
     timezone: str = "UTC"
+    # Outbound: high-risk (premium, revenue-share) destination prefixes this account may call.
+    allowed_high_risk_prefixes: tuple[Prefix, ...] = ()
 
 
 class AccountCredited(Event, tag="account.credited", kw_only=True):

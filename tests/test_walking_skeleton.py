@@ -80,6 +80,7 @@ async def test_a_call_flows_through_every_service_and_is_charged_in_the_ledger(
         SetPolicy(number=NUMBER, policy=SecurityPolicy(fraud_alert=FraudAlertPolicy(calls=1, window_minutes=5))),
     ):
         assert (await send(nc, "provisioner", command)).ok
+    await inbox.wait_for("ledger.credited")  # the meter has the credit: holds can be granted
 
     offer = CallOffered(
         event_id="ev_offer_1", occurred_at=now(), call_id="call_1", to=NUMBER, from_="+15551234567", source_ip="198.51.100.7"
@@ -87,6 +88,9 @@ async def test_a_call_flows_through_every_service_and_is_charged_in_the_ledger(
     await publish(js, offer)
     [accepted] = await inbox.wait_for("call.accepted")
     assert (accepted.call_id, accepted.account_id, accepted.agent_id) == ("call_1", ACCOUNT, "agent_7")
+    assert accepted.hold_id == "hold_call_1"  # the meter held the first minute
+    [held] = await inbox.wait_for("ledger.held")
+    assert (held.amount_millicredits, held.hold_id) == (30_000, "hold_call_1")
     assert accepted.dynamic_variables["system__caller_id"] == "+15551234567"
 
     await publish(js, CallAnswered(event_id="ev_answer_1", occurred_at=now(), call_id="call_1", number=NUMBER))

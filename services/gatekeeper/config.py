@@ -4,4 +4,7 @@ from callplane.config import NatsSettings
 
 
 class GatekeeperSettings(NatsSettings, frozen=True, kw_only=True):
-    pass
+    # HOLD_TIMEOUT_MS: how long to wait for the meter's credit hold before refusing the
+    # call as billing_unavailable (never admit on a guess).
+    hold_timeout_ms: int = 500
+    lifecycle_tick_ms: int = 250  # LIFECYCLE_TICK_MS: how often ring timeouts are checked

@@ -1,9 +1,19 @@
-"""Admission, as pure functions: `decide` turns an offered call into call.accepted or
-call.rejected; `evolve` folds events into the gatekeeper's state. No I/O, no clock:
-`now` is passed in, and derived event ids come from the source event's id.
+"""Admission and the call lifecycle, as pure functions. No I/O, no clock: `now` is
+passed in, and derived event ids come from the source event's id.
 
-Checks run in SPEC section 4's order and the first failure decides. Every check
-evaluated is recorded in the decision, with its inputs, so a decision explains itself.
+    decide(state, offer, now)       checks 1-9 of SPEC section 4, in order; the first failure
+                                    decides. An admission is provisional until `complete`.
+    complete(provisional, hold, webhook, now)
+                                    checks 10-12: the meter's credit hold (daily voice cap,
+                                    credit; no answer -> billing_unavailable) and the pre-call
+                                    webhook; gives the final call.accepted or call.rejected.
+    evolve(state, event)            folds any event in; a provisional admission folded in
+                                    holds its slot, so concurrent offers never exceed a cap.
+    due(state, now)                 lifecycle events that time makes due: call.missed after
+                                    the ring timeout.
+
+Every check evaluated is recorded in the decision with its inputs, so a decision explains
+itself and replaying the same events rebuilds the same state.
 """
 
 from __future__ import annotations
@@ -15,10 +25,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, time, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import msgspec
+
 from schemas import (
     SIP_STATUS,
+    AccountConfigured,
     AnyEvent,
     CallAccepted,
+    CallAnswered,
     CallEnded,
     CallMissed,
     CallOffered,
@@ -39,6 +53,28 @@ HOUR = timedelta(hours=1)
 DAY = timedelta(days=1)
 # Decisions remembered per call id, so a redelivered offer gets the same answer.
 REMEMBERED_DECISIONS = 100_000
+RING_TIMEOUT_S = 60
+# A slot whose call.ended / call.missed never arrives is freed when its lease runs out:
+# ring timeout + the call's max duration (or this default) + a grace period.
+DEFAULT_MAX_CALL_S = 4 * 3600
+LEASE_GRACE_S = 120
+
+# Outbound destinations refused unless the account allows them (AccountConfigured.
+# allowed_high_risk_prefixes): premium-rate and revenue-share ranges that international
+# revenue share fraud (IRSF) pumps traffic to. A starting list, not a complete one.
+HIGH_RISK_PREFIXES: tuple[str, ...] = (
+    "+1900", "+1976",  # North American premium rate
+    "+4487", "+4490", "+4491", "+4498",  # UK premium / revenue share
+    "+881", "+882", "+883",  # global satellite and international networks
+    "+979",  # international premium rate
+    "+53", "+252", "+232", "+224", "+675", "+677", "+678", "+682", "+688", "+674",  # IRSF hot spots
+)  # fmt: skip
+
+
+@dataclass
+class Lease:
+    admitted_at: datetime
+    expires_at: datetime
 
 
 @dataclass
@@ -49,14 +85,48 @@ class Line:
     agent_id: str | None = None
     policy: SecurityPolicy = field(default_factory=SecurityPolicy)
     policy_version: int = 0
-    active: dict[str, datetime] = field(default_factory=dict)  # call_id -> admitted at
-    admitted: deque[datetime] = field(default_factory=deque)  # admission times, last day
+    active: dict[str, Lease] = field(default_factory=dict)  # call_id -> its slot
+    admitted: deque[tuple[datetime, str]] = field(default_factory=deque)  # (admitted at, call_id), last day
 
 
 @dataclass
 class State:
     lines: dict[str, Line] = field(default_factory=dict)  # by E.164 number
+    accounts: dict[str, AccountConfigured] = field(default_factory=dict)
     decided: OrderedDict[str, CallAccepted | CallRejected] = field(default_factory=OrderedDict)  # by call_id
+    ringing: dict[str, CallAccepted] = field(default_factory=dict)  # accepted, not yet answered
+
+
+# -- the meter's hold and the webhook, as values ------------------------------------
+
+
+@dataclass(frozen=True)
+class Held:
+    hold_id: str
+    max_duration_s: int | None
+
+
+@dataclass(frozen=True)
+class HoldRefused:
+    reason: str  # daily_voice_cap | insufficient_credits
+
+
+@dataclass(frozen=True)
+class HoldUnanswered:
+    """The meter did not answer in time: never admit on a guess."""
+
+
+HoldOutcome = Held | HoldRefused | HoldUnanswered
+
+
+@dataclass(frozen=True)
+class WebhookVerdict:
+    """What the pre-call webhook said, reduced to what admission needs."""
+
+    proceed: bool
+    reason: str = ""
+    dynamic_variables: dict = field(default_factory=dict)
+    failed: bool = False  # timeout / error / unsafe URL (proceed tells whether we go on anyway)
 
 
 # -- evolve -------------------------------------------------------------------------
@@ -74,64 +144,77 @@ def evolve(state: State, event: AnyEvent) -> State:
             line.policy, line.policy_version = policy, version
         case NumberUnregistered(number=number):
             state.lines.pop(number, None)
-        case CallAccepted(call_id=call_id) | CallRejected(call_id=call_id) if call_id in state.decided:
-            pass  # already folded: a decision counts once
-        case CallAccepted(number=number, call_id=call_id) | CallRejected(number=number, call_id=call_id):
-            _remember(state, event)
-            if isinstance(event, CallAccepted) and (line := state.lines.get(number)):
-                admitted_at = parse_timestamp(event.occurred_at)
-                line.active[call_id] = admitted_at
-                line.admitted.append(admitted_at)
+        case AccountConfigured(account_id=account_id):
+            state.accounts[account_id] = event
+        case CallAccepted() | CallRejected():
+            _fold_decision(state, event)
+        case CallAnswered(call_id=call_id):
+            state.ringing.pop(call_id, None)
         case CallEnded(number=number, call_id=call_id) | CallMissed(number=number, call_id=call_id):
+            state.ringing.pop(call_id, None)
             if line := state.lines.get(number):
                 line.active.pop(call_id, None)
     return state
 
 
-def _remember(state: State, decision: CallAccepted | CallRejected) -> None:
+def _fold_decision(state: State, decision: CallAccepted | CallRejected) -> None:
+    """A decision counts once. A provisional admission folded in holds the slot; its final
+    form replaces it (a refusal after the hold frees the slot, as if never admitted)."""
+    earlier = state.decided.get(decision.call_id)
+    if earlier == decision:
+        return
     state.decided[decision.call_id] = decision
     if len(state.decided) > REMEMBERED_DECISIONS:
         state.decided.popitem(last=False)
+    line = state.lines.get(decision.number)
+    if isinstance(decision, CallAccepted):
+        if line is not None and decision.call_id not in line.active and not isinstance(earlier, CallAccepted):
+            admitted_at = parse_timestamp(decision.occurred_at)
+            line.active[decision.call_id] = Lease(admitted_at, admitted_at + lease_length(decision))
+            line.admitted.append((admitted_at, decision.call_id))
+        if line is not None and decision.call_id in line.active:
+            lease = line.active[decision.call_id]
+            lease.expires_at = lease.admitted_at + lease_length(decision)
+        state.ringing[decision.call_id] = decision
+    elif isinstance(earlier, CallAccepted):
+        state.ringing.pop(decision.call_id, None)
+        if line is not None and line.active.pop(decision.call_id, None) is not None:
+            line.admitted = deque(entry for entry in line.admitted if entry[1] != decision.call_id)
+
+
+def lease_length(accepted: CallAccepted) -> timedelta:
+    seconds = accepted.ring_timeout_s + (accepted.max_duration_s or DEFAULT_MAX_CALL_S) + LEASE_GRACE_S
+    return timedelta(seconds=seconds)
 
 
 # -- decide -------------------------------------------------------------------------
 
 
 def decide(state: State, offer: CallOffered, *, now: datetime) -> CallAccepted | CallRejected:
-    """Admit or refuse one offered call. The caller folds the result back with `evolve`.
-
-    An offer decided before (a redelivery) gets the same decision again."""
+    """Checks 1-9 for one offered call: a refusal, or a provisional admission to `complete`.
+    The caller folds the result back with `evolve`. An offer decided before (a
+    redelivery) gets the same decision again."""
     if (earlier := state.decided.get(offer.call_id)) is not None:
         return earlier
     number = offer.number
     line = state.lines.get(number)
     checks: list[Check] = []
-
-    def refuse(reason: str) -> CallRejected:
-        version = line.policy_version if line else 0
-        return CallRejected(
-            event_id=derived_id(offer.event_id, "decision"),
-            occurred_at=timestamp(now),
-            call_id=offer.call_id,
-            number=number,
-            reason=reason,  # type: ignore[arg-type]
-            sip_status=SIP_STATUS[reason],
-            decision=Decision(policy_version=version, checks=tuple(checks)),
-        )
+    version = line.policy_version if line else 0
 
     checks.append(Check(name="registered", passed=line is not None, inputs={"number": number}))
     if line is None:
-        return refuse("unknown_number")
+        return _refuse(offer.call_id, number, offer.event_id, "unknown_number", version, checks, now)
     checks.append(Check(name="agent_assigned", passed=line.agent_id is not None, inputs={"agent_id": line.agent_id}))
     if line.agent_id is None:
-        return refuse("no_agent")
+        return _refuse(offer.call_id, number, offer.event_id, "no_agent", version, checks, now)
 
-    for name, reason, check in _policy_checks(line, offer, now):
+    for name, reason, check in _policy_checks(state, line, offer, now):
         passed, inputs = check()
         checks.append(Check(name=name, passed=passed, inputs=inputs))
         if not passed:
-            return refuse(reason)
+            return _refuse(offer.call_id, number, offer.event_id, reason, version, checks, now)
 
+    account = state.accounts.get(line.account_id)
     return CallAccepted(
         event_id=derived_id(offer.event_id, "decision"),
         occurred_at=timestamp(now),
@@ -139,57 +222,159 @@ def decide(state: State, offer: CallOffered, *, now: datetime) -> CallAccepted |
         number=number,
         account_id=line.account_id,
         agent_id=line.agent_id,
+        max_duration_s=account.per_call_max_s if account else None,
+        ring_timeout_s=RING_TIMEOUT_S,
+        auto_answer=True,
         dynamic_variables=system_variables(offer, line.agent_id, now),
-        decision=Decision(policy_version=line.policy_version, checks=tuple(checks)),
+        decision=Decision(policy_version=version, checks=tuple(checks)),
+    )
+
+
+def complete(
+    provisional: CallAccepted, *, hold: HoldOutcome, webhook: WebhookVerdict | None = None, now: datetime
+) -> CallAccepted | CallRejected:
+    """Checks 10-12 on a provisional admission: the meter's hold, then the webhook."""
+    checks = list(provisional.decision.checks)
+    version = provisional.decision.policy_version
+
+    def refuse(reason: str) -> CallRejected:
+        return _refuse(provisional.call_id, provisional.number, None, reason, version, checks, now, provisional.event_id)
+
+    match hold:
+        case Held():
+            checks.append(
+                Check(name="credit_hold", passed=True, inputs={"hold_id": hold.hold_id, "max_duration_s": hold.max_duration_s})
+            )
+        case HoldRefused(reason=reason):
+            checks.append(Check(name="credit_hold", passed=False, inputs={"meter": reason}))
+            return refuse(reason)
+        case HoldUnanswered():
+            checks.append(Check(name="credit_hold", passed=False, inputs={"meter": "no answer in time"}))
+            return refuse("billing_unavailable")
+    variables = dict(provisional.dynamic_variables)
+    if webhook is not None:
+        checks.append(
+            Check(
+                name="pre_call_webhook",
+                passed=webhook.proceed,
+                inputs={"failed": webhook.failed, "reason": webhook.reason or None},
+            )
+        )
+        if not webhook.proceed:
+            return refuse("webhook_rejected")
+        # The webhook may add variables; it never overrides the system__ ones.
+        variables = {**webhook.dynamic_variables, **variables}
+    return msgspec.structs.replace(
+        provisional,
+        hold_id=hold.hold_id,
+        max_duration_s=hold.max_duration_s,
+        dynamic_variables=variables,
+        decision=Decision(policy_version=version, checks=tuple(checks)),
+    )
+
+
+def due(state: State, now: datetime) -> list[CallMissed]:
+    """Calls that rang past their ring timeout without an answer: call.missed is due."""
+    missed = []
+    for accepted in state.ringing.values():
+        if parse_timestamp(accepted.occurred_at) + timedelta(seconds=accepted.ring_timeout_s) <= now:
+            missed.append(
+                CallMissed(
+                    event_id=derived_id(accepted.event_id, "missed"),
+                    occurred_at=timestamp(now),
+                    call_id=accepted.call_id,
+                    number=accepted.number,
+                )
+            )
+    return missed
+
+
+def answered(accepted: CallAccepted, *, now: datetime) -> CallAnswered:
+    """call.answered for a call the agent picks up (at once when auto_answer)."""
+    return CallAnswered(
+        event_id=derived_id(accepted.event_id, "answered"),
+        occurred_at=timestamp(now),
+        call_id=accepted.call_id,
+        number=accepted.number,
+    )
+
+
+def _refuse(call_id, number, source_id, reason, version, checks, now, event_id=None) -> CallRejected:  # noqa: ANN001
+    return CallRejected(
+        event_id=event_id or derived_id(source_id, "decision"),
+        occurred_at=timestamp(now),
+        call_id=call_id,
+        number=number,
+        reason=reason,
+        sip_status=SIP_STATUS[reason],
+        decision=Decision(policy_version=version, checks=tuple(checks)),
     )
 
 
 CheckFn = Callable[[], tuple[bool, dict]]
 
 
-def _policy_checks(line: Line, offer: CallOffered, now: datetime) -> list[tuple[str, str, CheckFn]]:
-    """Checks 3-9 of SPEC section 4, in order; only those the policy sets are run."""
+def _policy_checks(state: State, line: Line, offer: CallOffered, now: datetime) -> list[tuple[str, str, CheckFn]]:
+    """Checks 3-9 of SPEC section 4, in order; only those the policy sets are run.
+    Outbound calls are checked on their destination instead of their caller."""
     policy = line.policy
-    remote = offer.from_ if offer.direction == "inbound" else offer.to
     checks: list[tuple[str, str, CheckFn]] = []
-    if policy.allowed_cidrs:
-        checks.append(
-            (
-                "source_ip",
-                "source_ip_not_allowed",
-                lambda: (ip_allowed(offer.source_ip, policy.allowed_cidrs), {"source_ip": offer.source_ip}),
+    if offer.direction == "inbound":
+        caller = offer.from_
+        if policy.allowed_cidrs:
+            checks.append(
+                (
+                    "source_ip",
+                    "source_ip_not_allowed",
+                    lambda: (ip_allowed(offer.source_ip, policy.allowed_cidrs), {"source_ip": offer.source_ip}),
+                )
             )
-        )
-    if policy.blocked_prefixes:
-        checks.append(
-            (
-                "blocked_prefixes",
-                "caller_blocked",
-                lambda: (not matches_prefix(remote, policy.blocked_prefixes), {"caller": remote}),
+        if policy.blocked_prefixes:
+            checks.append(
+                (
+                    "blocked_prefixes",
+                    "caller_blocked",
+                    lambda: (not matches_prefix(caller, policy.blocked_prefixes), {"caller": caller}),
+                )
             )
-        )
-    if policy.allowed_prefixes:
+        if policy.allowed_prefixes:
+            checks.append(
+                (
+                    "allowed_prefixes",
+                    "caller_not_allowed",
+                    lambda: (matches_prefix(caller, policy.allowed_prefixes), {"caller": caller}),
+                )
+            )
+    else:
+        destination = offer.to
+        account = state.accounts.get(line.account_id)
+        allowed = account.allowed_high_risk_prefixes if account else ()
+        if policy.blocked_prefixes:
+            checks.append(
+                (
+                    "blocked_destinations",
+                    "destination_blocked",
+                    lambda: (not matches_prefix(destination, policy.blocked_prefixes), {"destination": destination}),
+                )
+            )
         checks.append(
             (
-                "allowed_prefixes",
-                "caller_not_allowed",
-                lambda: (matches_prefix(remote, policy.allowed_prefixes), {"caller": remote}),
+                "high_risk_destinations",
+                "destination_high_risk",
+                lambda: (
+                    not high_risk(destination, allowed),
+                    {"destination": destination, "allowed_by_account": ",".join(allowed) or None},
+                ),
             )
         )
     if policy.media_encryption == "required":
         checks.append(("media_encryption", "encryption_required", lambda: (offer.srtp, {"srtp": offer.srtp})))
     if policy.hours is not None:
         hours = policy.hours
-        checks.append(
-            (
-                "hours",
-                "outside_hours",
-                lambda: _hours_check(now, hours.start, hours.end, hours.timezone),
-            )
-        )
+        checks.append(("hours", "outside_hours", lambda: _hours_check(now, hours.start, hours.end, hours.timezone)))
     if policy.max_concurrent_calls is not None:
         cap = policy.max_concurrent_calls
-        checks.append(("concurrency", "busy", lambda: (len(line.active) < cap, {"active": len(line.active), "cap": cap})))
+        checks.append(("concurrency", "busy", lambda: _concurrency_check(line, now, cap)))
     for name, reason, limit, span in (
         ("hourly_window", "hourly_limit", policy.max_calls_per_hour, HOUR),
         ("daily_window", "daily_limit", policy.max_calls_per_day, DAY),
@@ -197,6 +382,16 @@ def _policy_checks(line: Line, offer: CallOffered, now: datetime) -> list[tuple[
         if limit is not None:
             checks.append((name, reason, _window_check(line, now, span, limit)))
     return checks
+
+
+def _concurrency_check(line: Line, now: datetime, cap: int) -> tuple[bool, dict]:
+    expired = [call_id for call_id, lease in line.active.items() if lease.expires_at <= now]
+    for call_id in expired:  # their end event was lost: the lease frees the slot
+        del line.active[call_id]
+    inputs = {"active": len(line.active), "cap": cap}
+    if expired:
+        inputs["leases_expired"] = len(expired)
+    return len(line.active) < cap, inputs
 
 
 def _hours_check(now: datetime, start: str, end: str, tz: str) -> tuple[bool, dict]:
@@ -243,6 +438,11 @@ def matches_prefix(party: str, prefixes: tuple[str, ...]) -> bool:
     return party.startswith("+") and any(party.startswith(p) for p in prefixes)
 
 
+def high_risk(destination: str, allowed: tuple[str, ...] = ()) -> bool:
+    """In a high-risk range, and no prefix the account allowed covers it."""
+    return matches_prefix(destination, HIGH_RISK_PREFIXES) and not matches_prefix(destination, allowed)
+
+
 def within_hours(now: datetime, start: str, end: str, tz: str) -> bool:
     """Is local time in [start, end)? end < start wraps midnight; start == end is all day."""
     local = now.astimezone(ZoneInfo(tz)).time().replace(second=0, microsecond=0)
@@ -254,12 +454,12 @@ def within_hours(now: datetime, start: str, end: str, tz: str) -> bool:
     return local >= opens or local < closes
 
 
-def admitted_within(admitted: deque[datetime], now: datetime, span: timedelta) -> int:
+def admitted_within(admitted: deque[tuple[datetime, str]], now: datetime, span: timedelta) -> int:
     """Admissions in the sliding window (now - span, now]. Drops entries older than a day."""
-    while admitted and admitted[0] <= now - DAY:
+    while admitted and admitted[0][0] <= now - DAY:
         admitted.popleft()
     horizon = now - span
-    return sum(1 for t in admitted if t > horizon)
+    return sum(1 for at, _ in admitted if at > horizon)
 
 
 def system_variables(offer: CallOffered, agent_id: str, now: datetime) -> dict[str, str]:
@@ -270,4 +470,3 @@ def system_variables(offer: CallOffered, agent_id: str, now: datetime) -> dict[s
         "system__agent_id": agent_id,
         "system__time_utc": timestamp(now),
     }
-

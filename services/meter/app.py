@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
+import msgspec
 import structlog
 from faststream.nats import NatsBroker
 from nats.aio.msg import Msg
@@ -20,17 +21,27 @@ from schemas import (
     CallAccepted,
     CallAgentReplied,
     CallEnded,
+    CallMissed,
+    CallRejected,
     Event,
     LedgerCharged,
     LedgerCredited,
+    LedgerHeld,
+    LedgerReleased,
+    Reply,
+    command_name,
     decode,
+    decode_command,
     derived_id,
     encode,
+    encode_message,
+    rpc,
 )
+from schemas.commands import HoldCredit, HoldView
 
 from . import ledger
 from .config import MeterSettings
-from .core import rate_call
+from .core import HoldRefusal, decide_hold, rate_call, round_half_up_div
 
 log = structlog.get_logger()
 
@@ -71,11 +82,22 @@ class Meter:
         match event:
             case AccountConfigured():
                 con.execute(
-                    """INSERT INTO accounts VALUES (?, ?, ?, ?, 0) ON CONFLICT (account_id) DO UPDATE SET
+                    """INSERT INTO accounts (account_id, rate_millicredits_per_minute, text_price_millicredits,
+                           timezone, balance_millicredits, daily_voice_cap_s, per_call_max_s)
+                       VALUES (?, ?, ?, ?, 0, ?, ?) ON CONFLICT (account_id) DO UPDATE SET
                        rate_millicredits_per_minute = excluded.rate_millicredits_per_minute,
                        text_price_millicredits = excluded.text_price_millicredits,
-                       timezone = excluded.timezone""",
-                    [event.account_id, event.rate_millicredits_per_minute, event.text_price_millicredits, event.timezone],
+                       timezone = excluded.timezone,
+                       daily_voice_cap_s = excluded.daily_voice_cap_s,
+                       per_call_max_s = excluded.per_call_max_s""",
+                    [
+                        event.account_id,
+                        event.rate_millicredits_per_minute,
+                        event.text_price_millicredits,
+                        event.timezone,
+                        event.daily_voice_cap_s,
+                        event.per_call_max_s,
+                    ],
                 )
             case AccountCredited():
                 balance = self._add_to_balance(event.account_id, event.amount_millicredits, create=True)
@@ -94,6 +116,10 @@ class Meter:
                     "INSERT INTO calls VALUES (?, ?, ?, ?, ?, 0) ON CONFLICT DO NOTHING",
                     [event.call_id, event.account_id, event.number, event.agent_id, event.occurred_at],
                 )
+                if event.hold_id:
+                    return self._record_hold(event)
+            case CallRejected() | CallMissed():
+                return self._release(event)
             case CallAgentReplied():
                 con.execute("UPDATE calls SET responses = responses + ? WHERE call_id = ?", [event.responses, event.call_id])
             case CallEnded():
@@ -120,6 +146,7 @@ class Meter:
             text_price_millicredits=text_price,
         )
         balance = self._add_to_balance(account_id, -charge.total_millicredits)
+        self.con.execute("UPDATE holds SET status = 'posted' WHERE call_id = ? AND status = 'open'", [event.call_id])
         entry = LedgerCharged(
             event_id=derived_id(event.event_id, "charged"),
             occurred_at=event.occurred_at,
@@ -136,10 +163,113 @@ class Meter:
         log.info("call_charged", account_id=account_id, millicredits=charge.total_millicredits, charged_s=charge.charged_s)
         return [entry]
 
+    # -- holds: reserve at admission, post on end, release on rejection or miss ------
+
+    def hold(self, command: HoldCredit) -> Reply:
+        """The gatekeeper's request to reserve a call's first minute (idempotent by call_id)."""
+        existing = self.con.execute(
+            "SELECT hold_id, amount_millicredits FROM holds WHERE call_id = ?", [command.call_id]
+        ).fetchall()
+        if existing:
+            hold_id, amount = existing[0]
+            return Reply(ok=True, hold=HoldView(hold_id=hold_id, amount_millicredits=amount, max_duration_s=None))
+        row = self.con.execute(
+            """SELECT a.rate_millicredits_per_minute, a.balance_millicredits, a.per_call_max_s, a.daily_voice_cap_s,
+                      a.timezone,
+                      (SELECT coalesce(sum(amount_millicredits), 0) FROM holds h
+                        WHERE h.account_id = a.account_id AND h.status = 'open')
+               FROM accounts a WHERE a.account_id = ?""",
+            [command.account_id],
+        ).fetchall()
+        if not row:
+            return Reply(ok=False, code="insufficient_credits", message=f"account {command.account_id} has no credit yet")
+        rate, balance, per_call_max_s, daily_cap_s, tz, open_holds = row[0]
+        grant = decide_hold(
+            rate_millicredits_per_minute=rate,
+            balance_millicredits=balance,
+            open_holds_millicredits=open_holds,
+            per_call_max_s=per_call_max_s,
+            daily_voice_cap_s=daily_cap_s,
+            voice_s_today=self._voice_seconds_today(command.account_id, tz) if daily_cap_s is not None else 0,
+        )
+        if isinstance(grant, HoldRefusal):
+            log.info("hold_refused", account_id=command.account_id, reason=grant.reason)
+            return Reply(ok=False, code=grant.reason, message=f"hold refused: {grant.reason}")
+        hold_id = f"hold_{command.call_id}"
+        self.con.execute(
+            "INSERT INTO holds VALUES (?, ?, ?, ?, 'open')",
+            [hold_id, command.call_id, command.account_id, grant.amount_millicredits],
+        )
+        return Reply(
+            ok=True,
+            hold=HoldView(hold_id=hold_id, amount_millicredits=grant.amount_millicredits, max_duration_s=grant.max_duration_s),
+        )
+
+    def _voice_seconds_today(self, account_id: str, tz: str) -> int:
+        return self.con.execute(
+            """SELECT coalesce(sum(charged_s), 0) FROM ledger
+               WHERE kind = 'charged' AND account_id = ?
+                 AND CAST(timezone(?, occurred_at) AS DATE) = CAST(timezone(?, now()) AS DATE)""",
+            [account_id, tz, tz],
+        ).fetchall()[0][0]
+
+    def _record_hold(self, accepted: CallAccepted) -> list[Event]:
+        """The ledger's record of a hold comes from call.accepted, so a replay rebuilds it."""
+        rate = self.con.execute(
+            "SELECT rate_millicredits_per_minute FROM accounts WHERE account_id = ?", [accepted.account_id]
+        ).fetchall()
+        if not rate:
+            raise UnknownAccount(f"account {accepted.account_id} is not configured (yet)")
+        amount = round_half_up_div(rate[0][0] * 60, 60)
+        self.con.execute(
+            "INSERT INTO holds VALUES (?, ?, ?, ?, 'open') ON CONFLICT DO NOTHING",
+            [accepted.hold_id, accepted.call_id, accepted.account_id, amount],
+        )
+        balance = self._balance(accepted.account_id)
+        entry = LedgerHeld(
+            event_id=derived_id(accepted.event_id, "held"),
+            occurred_at=accepted.occurred_at,
+            account_id=accepted.account_id,
+            amount_millicredits=amount,
+            balance_millicredits=balance,
+            call_id=accepted.call_id,
+            hold_id=accepted.hold_id,
+        )
+        self._write_entry(entry, accepted.event_id, "held", accepted.call_id, accepted.number)
+        return [entry]
+
+    def _release(self, event: CallRejected | CallMissed) -> list[Event]:
+        row = self.con.execute(
+            "SELECT hold_id, account_id, amount_millicredits FROM holds WHERE call_id = ? AND status = 'open'",
+            [event.call_id],
+        ).fetchall()
+        if not row:
+            return []
+        hold_id, account_id, amount = row[0]
+        self.con.execute("UPDATE holds SET status = 'released' WHERE hold_id = ?", [hold_id])
+        entry = LedgerReleased(
+            event_id=derived_id(event.event_id, "released"),
+            occurred_at=event.occurred_at,
+            account_id=account_id,
+            amount_millicredits=amount,
+            balance_millicredits=self._balance(account_id),
+            call_id=event.call_id,
+            hold_id=hold_id,
+        )
+        self._write_entry(entry, event.event_id, "released", event.call_id, event.number)
+        return [entry]
+
+    def _balance(self, account_id: str) -> int:
+        return self.con.execute(
+            "SELECT balance_millicredits FROM accounts WHERE account_id = ?", [account_id]
+        ).fetchall()[0][0]
+
     def _add_to_balance(self, account_id: str, delta: int, *, create: bool = False) -> int:
         if create:
             self.con.execute(
-                "INSERT INTO accounts VALUES (?, 30000, 0, 'UTC', 0) ON CONFLICT DO NOTHING", [account_id]
+                "INSERT INTO accounts (account_id, rate_millicredits_per_minute, text_price_millicredits, timezone) "
+                "VALUES (?, 30000, 0, 'UTC') ON CONFLICT DO NOTHING",
+                [account_id],
             )
         return self.con.execute(
             "UPDATE accounts SET balance_millicredits = balance_millicredits + ? WHERE account_id = ? "
@@ -174,7 +304,21 @@ async def wire(broker: NatsBroker, js: JetStreamContext, settings: MeterSettings
     for durable in ("meter-calls", "meter-accounts"):
         consume(broker, topology.consumer(durable), meter.handler(durable))
 
+    @broker.subscriber(rpc("meter", command_name(HoldCredit)), decoder=_raw)
+    async def on_hold(body: bytes) -> bytes:
+        try:
+            command = decode_command(body)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            return encode_message(Reply(ok=False, code="invalid", message=str(exc)))
+        if not isinstance(command, HoldCredit):
+            return encode_message(Reply(ok=False, code="invalid", message="the meter answers hold_credit only"))
+        return encode_message(meter.hold(command))
+
     async def stop() -> None:
         con.close()
 
     return stop
+
+
+async def _raw(message) -> bytes:  # noqa: ANN001
+    return message.body

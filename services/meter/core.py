@@ -50,3 +50,40 @@ def rate_call(
 def round_half_up_div(numerator: int, denominator: int) -> int:
     """numerator / denominator rounded half up, in integers (no float error)."""
     return (2 * numerator + denominator) // (2 * denominator)
+
+
+@dataclass(frozen=True)
+class HoldGrant:
+    amount_millicredits: int  # the first minute's price, reserved
+    max_duration_s: int | None  # what caps and the available balance allow (None: no cap)
+
+
+@dataclass(frozen=True)
+class HoldRefusal:
+    reason: str  # daily_voice_cap | insufficient_credits
+
+
+def decide_hold(
+    *,
+    rate_millicredits_per_minute: int,
+    balance_millicredits: int,
+    open_holds_millicredits: int,
+    per_call_max_s: int | None = None,
+    daily_voice_cap_s: int | None = None,
+    voice_s_today: int = 0,
+) -> HoldGrant | HoldRefusal:
+    """Reserve the first minute of a call, like a pending two-phase transfer: only if the
+    available balance (balance minus open holds) covers it, and the daily cap is not spent."""
+    if daily_voice_cap_s is not None and voice_s_today >= daily_voice_cap_s:
+        return HoldRefusal("daily_voice_cap")
+    first_minute = round_half_up_div(rate_millicredits_per_minute * FIRST_MINUTE_S, 60)
+    available = balance_millicredits - open_holds_millicredits
+    if available < first_minute:
+        return HoldRefusal("insufficient_credits")
+    limits = [per_call_max_s]
+    if daily_voice_cap_s is not None:
+        limits.append(daily_voice_cap_s - voice_s_today)
+    if rate_millicredits_per_minute > 0:
+        limits.append(available * 60 // rate_millicredits_per_minute)  # seconds the balance pays for
+    bounded = [limit for limit in limits if limit is not None]
+    return HoldGrant(first_minute, min(bounded) if bounded else None)

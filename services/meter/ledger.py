@@ -20,6 +20,8 @@ CREATE TABLE IF NOT EXISTS accounts (
     timezone VARCHAR NOT NULL,
     balance_millicredits BIGINT NOT NULL DEFAULT 0
 );
+ALTER TABLE accounts ADD COLUMN IF NOT EXISTS daily_voice_cap_s BIGINT;
+ALTER TABLE accounts ADD COLUMN IF NOT EXISTS per_call_max_s BIGINT;
 CREATE TABLE IF NOT EXISTS calls (
     call_id VARCHAR PRIMARY KEY,
     account_id VARCHAR NOT NULL,
@@ -43,6 +45,13 @@ CREATE TABLE IF NOT EXISTS ledger (
     occurred_at TIMESTAMPTZ NOT NULL,
     event_json VARCHAR NOT NULL             -- outbox: the ledger.* event as published
 );
+CREATE TABLE IF NOT EXISTS holds (
+    hold_id VARCHAR PRIMARY KEY,
+    call_id VARCHAR NOT NULL UNIQUE,
+    account_id VARCHAR NOT NULL,
+    amount_millicredits BIGINT NOT NULL,
+    status VARCHAR NOT NULL                 -- open | posted | released
+);
 CREATE TABLE IF NOT EXISTS applied_events (
     event_id VARCHAR PRIMARY KEY,
     consumer VARCHAR NOT NULL,
@@ -53,7 +62,11 @@ CREATE OR REPLACE VIEW call_charges AS
            amount_millicredits AS total_millicredits, occurred_at
     FROM ledger WHERE kind = 'charged';
 CREATE OR REPLACE VIEW balances AS
-    SELECT account_id, balance_millicredits FROM accounts;
+    SELECT a.account_id, a.balance_millicredits,
+           a.balance_millicredits - coalesce(sum(h.amount_millicredits) FILTER (WHERE h.status = 'open'), 0)
+               AS available_millicredits
+    FROM accounts a LEFT JOIN holds h USING (account_id)
+    GROUP BY a.account_id, a.balance_millicredits;
 """
 
 

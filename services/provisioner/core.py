@@ -235,6 +235,10 @@ def _decide(registry, command, *, now, new_id, rules, refs) -> Accepted | Refusa
         case ConfigureAccount():
             validation.timezone(command.timezone, "timezone")
             fields = {name: getattr(command, name) for name in command.__struct_fields__}
+            fields["allowed_high_risk_prefixes"] = tuple(
+                validation.prefix(p, f"allowed_high_risk_prefixes[{i}]")
+                for i, p in enumerate(command.allowed_high_risk_prefixes)
+            )
             return Accepted([AccountConfigured(**stamp(), **fields)])
         case CreditAccount():
             if command.reference in registry.account(command.account_id).credit_references:
@@ -434,6 +438,7 @@ def view_account(registry: Registry, account_id: str) -> AccountView | None:
         daily_voice_cap_s=c.daily_voice_cap_s,
         per_call_max_s=c.per_call_max_s,
         timezone=c.timezone,
+        allowed_high_risk_prefixes=c.allowed_high_risk_prefixes,
         numbers=registry.numbers_of(account_id),
         credited_millicredits=account.credited_millicredits,
     )

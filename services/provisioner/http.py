@@ -125,6 +125,9 @@ class AccountSettings(Struct, kw_only=True):
     daily_voice_cap_s: NonNegative | None = None
     per_call_max_s: Positive | None = None
     timezone: Annotated[str, Meta(description="IANA time zone, e.g. Europe/Warsaw")] = "UTC"
+    allowed_high_risk_prefixes: Annotated[
+        tuple[str, ...], Meta(description="outbound premium / revenue-share prefixes this account may call")
+    ] = ()
 
 
 class Credit(Struct, kw_only=True):

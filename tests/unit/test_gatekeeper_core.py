@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from schemas import (
+    AccountConfigured,
     CallAccepted,
     CallEnded,
     CallMissed,
@@ -190,12 +191,41 @@ def test_each_policy_rule_refuses_with_its_reason_and_sip_status(policy, offer_k
     assert outcome(decide(line(**policy), offer(**offer_kwargs), now=T0)) == expected
 
 
-def test_outbound_call_is_checked_against_our_number_and_prefixes_apply_to_the_callee():
-    state = line(blocked_prefixes=("+1900",))
-    premium = offer(direction="outbound", from_=NUMBER, to="+19005550100")
-    ordinary = offer(direction="outbound", from_=NUMBER, to="+14155550100")
-    assert outcome(decide(state, premium, now=T0)) == ("caller_blocked", 403)
+def test_outbound_call_is_checked_against_our_number_and_blocked_prefixes_apply_to_the_callee():
+    state = line(blocked_prefixes=("+1415",))
+    blocked = offer(direction="outbound", from_=NUMBER, to="+14155550100")
+    ordinary = offer(direction="outbound", from_=NUMBER, to="+14165550100")
+    assert outcome(decide(state, blocked, now=T0)) == ("destination_blocked", 403)
     assert outcome(decide(state, ordinary, now=T0)) == ("accepted", None)
+
+
+@pytest.mark.parametrize(
+    ("destination", "allowed", "expected"),
+    [
+        ("+19005550100", (), ("destination_high_risk", 403)),  # North American premium rate
+        ("+882345678901", (), ("destination_high_risk", 403)),  # international networks
+        ("+2521234567", (), ("destination_high_risk", 403)),  # an IRSF hot spot
+        ("+19005550100", ("+1900",), ("accepted", None)),  # the account allowed the range
+        ("+19005550100", ("+1900555",), ("accepted", None)),  # or a narrower part of it
+        ("+19765550100", ("+1900",), ("destination_high_risk", 403)),  # allowing one range allows no other
+        ("+14155550100", (), ("accepted", None)),
+    ],
+)
+def test_high_risk_destinations_are_refused_unless_the_account_allows_them(destination, allowed, expected):
+    state = line()
+    evolve(
+        state,
+        AccountConfigured(
+            event_id="ev_acct", occurred_at=timestamp(T0), account_id=ACCOUNT, allowed_high_risk_prefixes=allowed
+        ),
+    )
+    result = decide(state, offer(direction="outbound", from_=NUMBER, to=destination), now=T0)
+    assert outcome(result) == expected
+    assert result.decision.checks[-1].name == "high_risk_destinations"
+
+
+def test_inbound_calls_from_a_high_risk_range_are_not_refused_as_high_risk():
+    assert outcome(decide(line(), offer(from_="+19005550100"), now=T0)) == ("accepted", None)
 
 
 def test_outbound_call_from_an_unregistered_number_is_unknown_number():
@@ -375,9 +405,9 @@ def test_ended_calls_still_count_toward_the_hourly_window():
     span_s=st.sampled_from([3600, 86400]),
 )
 def test_admitted_within_counts_exactly_the_half_open_window(ages_ms, span_s):
-    times = deque(sorted(T0 - timedelta(milliseconds=a) for a in ages_ms))
+    times = deque(sorted((T0 - timedelta(milliseconds=a), f"call_{i}") for i, a in enumerate(ages_ms)))
     span = timedelta(seconds=span_s)
-    brute_force = sum(1 for t in times if T0 - span < t <= T0)
+    brute_force = sum(1 for t, _ in times if T0 - span < t <= T0)
     assert admitted_within(times, T0, span) == brute_force
 
 

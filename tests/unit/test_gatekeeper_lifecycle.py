@@ -1,0 +1,129 @@
+"""Checks 10-12 (the meter's hold, the pre-call webhook), leases, and ring timeouts:
+the pure core of the gatekeeper after a provisional admission."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from services.gatekeeper.core import (
+    LEASE_GRACE_S,
+    RING_TIMEOUT_S,
+    Held,
+    HoldRefused,
+    HoldUnanswered,
+    WebhookVerdict,
+    answered,
+    complete,
+    decide,
+    due,
+    evolve,
+)
+from schemas import CallRejected
+from tests.unit.test_gatekeeper_core import T0, ended, line, offer, outcome
+
+
+def admit(state, call_id="call_1", *, hold=Held("hold_1", 300), webhook=None, now=T0):  # noqa: ANN001
+    provisional = decide(state, offer(call_id), now=now)
+    evolve(state, provisional)
+    if isinstance(provisional, CallRejected):
+        return provisional
+    final = complete(provisional, hold=hold, webhook=webhook, now=now)
+    evolve(state, final)
+    return final
+
+
+@pytest.mark.parametrize(
+    ("hold", "expected"),
+    [
+        (Held("hold_1", 300), ("accepted", None)),
+        (HoldRefused("insufficient_credits"), ("insufficient_credits", 402)),
+        (HoldRefused("daily_voice_cap"), ("daily_voice_cap", 480)),
+        (HoldUnanswered(), ("billing_unavailable", 503)),
+    ],
+)
+def test_the_meters_answer_to_the_hold_decides_checks_10_and_11(hold, expected):
+    final = admit(line(), hold=hold)
+    assert outcome(final) == expected
+    assert final.decision.checks[-1].name == "credit_hold"
+
+
+def test_an_accepted_call_carries_the_hold_and_the_meters_max_duration():
+    final = admit(line(), hold=Held("hold_9", 185))
+    assert (final.hold_id, final.max_duration_s) == ("hold_9", 185)
+
+
+def test_a_refusal_after_the_hold_frees_the_slot_as_if_never_admitted():
+    state = line(max_concurrent_calls=1, max_calls_per_hour=1)
+    assert outcome(admit(state, "call_1", hold=HoldRefused("insufficient_credits"))) == ("insufficient_credits", 402)
+    assert outcome(admit(state, "call_2")) == ("accepted", None)  # neither the slot nor the window counted it
+
+
+def test_a_provisional_admission_holds_its_slot_while_the_meter_answers():
+    state = line(max_concurrent_calls=1)
+    evolve(state, decide(state, offer("call_1"), now=T0))  # waiting for the hold
+    assert outcome(decide(state, offer("call_2"), now=T0)) == ("busy", 486)
+
+
+@pytest.mark.parametrize(
+    ("verdict", "expected"),
+    [
+        (WebhookVerdict(proceed=True, dynamic_variables={"tier": "gold"}), ("accepted", None)),
+        (WebhookVerdict(proceed=False, reason="blocked by CRM"), ("webhook_rejected", 603)),
+        (WebhookVerdict(proceed=True, failed=True, reason="timeout"), ("accepted", None)),  # fail open
+        (WebhookVerdict(proceed=False, failed=True, reason="timeout"), ("webhook_rejected", 603)),  # fail closed
+    ],
+)
+def test_the_pre_call_webhook_is_check_12(verdict, expected):
+    final = admit(line(), webhook=verdict)
+    assert outcome(final) == expected
+    assert final.decision.checks[-1].name == "pre_call_webhook"
+
+
+def test_webhook_variables_join_the_system_variables_but_never_replace_them():
+    verdict = WebhookVerdict(proceed=True, dynamic_variables={"tier": "gold", "system__agent_id": "evil"})
+    final = admit(line(), webhook=verdict)
+    assert final.dynamic_variables["tier"] == "gold"
+    assert final.dynamic_variables["system__agent_id"] == "agent_1"
+
+
+def test_a_call_not_answered_within_the_ring_timeout_is_missed_once():
+    state = line(max_concurrent_calls=1)
+    final = admit(state)
+    assert due(state, T0 + timedelta(seconds=RING_TIMEOUT_S - 1)) == []
+    [missed] = due(state, T0 + timedelta(seconds=RING_TIMEOUT_S))
+    assert (missed.call_id, missed.event_id) == ("call_1", f"{final.event_id}/missed")
+    evolve(state, missed)
+    assert due(state, T0 + timedelta(hours=1)) == []
+    assert outcome(admit(state, "call_2")) == ("accepted", None)  # the slot was freed
+
+
+def test_an_answered_call_never_becomes_missed():
+    state = line()
+    final = admit(state)
+    evolve(state, answered(final, now=T0))
+    assert due(state, T0 + timedelta(hours=1)) == []
+
+
+def test_a_slot_whose_end_event_was_lost_is_freed_when_its_lease_runs_out():
+    state = line(max_concurrent_calls=1)
+    admit(state, hold=Held("hold_1", 300))
+    evolve(state, answered(state.decided["call_1"], now=T0))
+    lease_end = T0 + timedelta(seconds=RING_TIMEOUT_S + 300 + LEASE_GRACE_S)
+    assert outcome(admit(state, "call_2", now=lease_end - timedelta(seconds=1))) == ("busy", 486)
+    later = admit(state, "call_3", now=lease_end)
+    assert outcome(later) == ("accepted", None)
+    assert later.decision.checks[-2].inputs["leases_expired"] == 1
+
+
+def test_replaying_the_published_events_rebuilds_the_same_counts():
+    live = line(max_concurrent_calls=2)
+    published = []
+    for call_id in ("a", "b", "c"):
+        published.append(admit(live, call_id))
+    published.append(ended("a"))
+    evolve(live, published[-1])
+    replayed = line(*published, max_concurrent_calls=2)
+    assert outcome(decide(replayed, offer("d"), now=T0)) == outcome(decide(live, offer("d"), now=T0)) == ("accepted", None)
+    assert replayed.lines["+48123456789"].active.keys() == live.lines["+48123456789"].active.keys() == {"b"}
