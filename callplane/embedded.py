@@ -154,6 +154,20 @@ class Stack:
                     log_tail=child.tail(),
                 )
 
+    def kill(self, name: str) -> None:
+        """SIGKILL one service, as a crash would (no draining, nothing acked after)."""
+        self._children[name].kill()
+        self._children[name].close()
+
+    def restart(self, name: str) -> None:
+        """Start a service again (after `kill`), and wait until it is ready."""
+        old = self._children[name]
+        if old.running():
+            raise StackError(f"{name} is still running")
+        argv = [sys.executable, "-m", f"services.{name}"]
+        self._children[name] = _Child(name, argv, self._service_env(), old.log, self.log_to_files)
+        _wait_ready([self._children[name]], SERVICE_READY_S)
+
     def __enter__(self) -> Stack:
         with contextlib.suppress(RuntimeError):
             asyncio.get_running_loop()
