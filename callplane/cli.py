@@ -55,6 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     catalog.add_argument("--readme", type=Path, help="replace the catalog between the markers in this file")
     catalog.set_defaults(run=cmd_schemas_catalog)
 
+    calls_cmd = commands.add_parser("calls", help="calls").add_subparsers(title="calls commands")
+    explain = calls_cmd.add_parser("explain", help="why a call was admitted or refused, check by check")
+    explain.add_argument("call_id")
+    explain.add_argument("--number", help="the call's number (E.164): searches only its events, much faster")
+    explain.add_argument("--json", action="store_true", help="print the decision event as JSON")
+    explain.add_argument("--url", default=None, help="NATS URL (default $NATS_URL or nats://127.0.0.1:4222)")
+    explain.set_defaults(run=cmd_calls_explain)
+
     secrets_cmd = commands.add_parser("secrets", help="secrets at rest").add_subparsers(title="secrets commands")
     rotate = secrets_cmd.add_parser("rotate", help="re-seal every stored secret under the newest key")
     rotate.add_argument("--url", default=None, help="NATS URL (default $NATS_URL or nats://127.0.0.1:4222)")
@@ -112,6 +120,26 @@ def cmd_nats_setup(args: argparse.Namespace) -> None:
         for line in report.lines():
             print(line)
         print("changed" if report.changed else "no change")
+
+    asyncio.run(run())
+
+
+def cmd_calls_explain(args: argparse.Namespace) -> None:
+    from schemas import encode
+
+    from .client import connect
+    from .explain import find_decision, render
+
+    async def run() -> None:
+        nc = await connect(args.url)
+        try:
+            decision = await find_decision(nc, args.call_id, args.number)
+        finally:
+            await nc.close()
+        if decision is None:
+            where = f" for {args.number}" if args.number else ""
+            raise CliError(f"no decision for call {args.call_id}{where} in the CALLS stream")
+        print(encode(decision).decode() if args.json else render(decision))
 
     asyncio.run(run())
 

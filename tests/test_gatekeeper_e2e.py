@@ -103,3 +103,36 @@ async def test_exactly_the_cap_is_admitted_a_freed_slot_admits_one_and_a_restart
     await publish_all(js, offers(63, 3))
     await decisions.wait_for(66)
     assert len(decisions.accepted()) == 7
+
+
+async def test_calls_explain_prints_every_check_of_a_decision(nats_url: str, js: JetStreamContext) -> None:
+    from schemas import Check, Decision
+
+    rejected = CallRejected(
+        event_id="ev_decision",
+        occurred_at=timestamp(datetime.now(UTC)),
+        call_id="call_x",
+        number=NUMBER,
+        reason="caller_blocked",
+        sip_status=403,
+        decision=Decision(
+            policy_version=3,
+            checks=(
+                Check(name="registered", passed=True, inputs={"number": NUMBER}),
+                Check(name="blocked_prefixes", passed=False, inputs={"caller": "+19005550100"}),
+            ),
+        ),
+    )
+    await publish_all(js, [rejected])
+    for extra in ([], ["--number", NUMBER]):
+        run = await asyncio.to_thread(
+            __import__("subprocess").run,
+            [__import__("sys").executable, "-m", "callplane.cli", "calls", "explain", "call_x", "--url", nats_url, *extra],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert run.returncode == 0, run.stderr
+        assert "REJECTED: caller_blocked (SIP 403)" in run.stdout
+        assert "policy version 3" in run.stdout
+        assert "FAIL  blocked_prefixes  (caller=+19005550100)" in run.stdout
