@@ -20,7 +20,7 @@ from callplane.admin_cli import credits, millicredits
 from schemas import encode_message
 from services.provisioner.app import Provisioner
 from services.provisioner.config import ProvisionerSettings
-from services.provisioner.secrets import SecretBox
+from callplane.secrets import SecretBox
 from tests.nats_server import free_port
 
 NUMBER = "+48123456789"

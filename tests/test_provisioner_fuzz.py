@@ -32,7 +32,7 @@ from schemas import STREAMS
 from services.provisioner.app import Provisioner
 from services.provisioner.config import ProvisionerSettings
 from services.provisioner.http import AdminApi, build_app
-from services.provisioner.secrets import SecretBox
+from callplane.secrets import SecretBox
 
 # Per operation and mode; raise it for a longer hunt: FUZZ_EXAMPLES=1000 pytest tests/test_provisioner_fuzz.py
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "25"))

@@ -22,7 +22,7 @@ from services.gatekeeper.core import decide as admit
 from services.provisioner.app import Provisioner
 from services.provisioner.config import ProvisionerSettings
 from services.provisioner.http import AccountSettings, build_app
-from services.provisioner.secrets import SecretBox
+from callplane.secrets import SecretBox
 
 NUMBER = "+48123456789"
 KEYS = SecretBox.generate_key()

@@ -20,7 +20,7 @@ from schemas.commands import (
 )
 from services.provisioner.app import Provisioner
 from services.provisioner.config import ProvisionerSettings
-from services.provisioner.secrets import SecretBox
+from callplane.secrets import SecretBox
 
 NUMBER = "+48123456789"
 TOKEN = "canary-token-7d1f3e9a5b"
@@ -166,7 +166,7 @@ async def test_rotating_secrets_lets_the_old_key_be_retired(js: JetStreamContext
 
     kv = await js.key_value("SECRETS")
     [key] = await kv.keys()
-    from services.provisioner.app import SealedSecret
+    from callplane.secrets import SealedSecret
     import msgspec
 
     sealed = msgspec.json.decode((await kv.get(key)).value, type=SealedSecret)

@@ -27,7 +27,7 @@ from schemas import STREAMS
 from services.provisioner.app import Provisioner
 from services.provisioner.config import ProvisionerSettings
 from services.provisioner.http import build_app
-from services.provisioner.secrets import SecretBox
+from callplane.secrets import SecretBox
 
 CANARY = "Zq-7f3e9d2a1b8c-Xw"  # no word of its own: file names in a traceback say "canary"
 HINT = "\u2022" * 8 + CANARY[-4:]

@@ -31,17 +31,12 @@ from schemas.commands import AnyCommand, GetAccount, GetNumber, ListNumbers, Rot
 from . import validation
 from .config import ProvisionerSettings
 from .core import Accepted, Refusal, Registry, Rules, decide, evolve, secrets_of, view_account, view_number
-from .secrets import SecretBox, SecretError, mask, new_secret_ref
+from callplane.secrets import SealedSecret, SecretBox, SecretError, new_secret_ref, put_sealed
 
 log = structlog.get_logger()
 
 WRONG_LAST_SEQUENCE = 10071  # JetStream's answer to a stale expected sequence
 ATTEMPTS = 5
-
-
-class SealedSecret(msgspec.Struct, frozen=True):
-    ciphertext: bytes
-    hint: str  # mask(): at most the last four characters
 
 
 class Conflict(Exception):
@@ -189,8 +184,7 @@ class Provisioner:
     async def _seal(self, plaintexts: dict[str, str], refs: dict[str, str]) -> None:
         assert self.box is not None and self.secrets is not None
         for slot, plaintext in plaintexts.items():
-            sealed = SealedSecret(ciphertext=self.box.seal(plaintext), hint=mask(plaintext))
-            await self.secrets.put(refs[slot], msgspec.json.encode(sealed))
+            sealed = await put_sealed(self.secrets, self.box, refs[slot], plaintext)
             self.registry.secret_hints[refs[slot]] = sealed.hint
 
     async def _publish(self, outcome: Accepted) -> None:

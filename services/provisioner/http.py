@@ -68,7 +68,7 @@ from schemas.events import NonNegative, Positive, Token
 
 from .config import ProvisionerSettings
 from .core import SIP_URI_TEMPLATE, Accepted, decide
-from .secrets import mask
+from callplane.secrets import mask
 
 if TYPE_CHECKING:
     from .app import Provisioner

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from services.provisioner.secrets import (
+from callplane.secrets import (
     Secret,
     SecretBox,
     SecretKeyError,

@@ -14,7 +14,10 @@ from __future__ import annotations
 import hmac
 import re
 
+import msgspec
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+from nats.js.errors import KeyNotFoundError
+from nats.js.kv import KeyValue
 
 _MASK = "\u2022" * 8  # fixed width, so the mask does not tell the secret's length
 _SHOW_LAST = 4
@@ -132,3 +135,25 @@ def new_secret_ref(new_id: str) -> str:
     if not isinstance(new_id, str) or not _REF_ID.fullmatch(new_id):
         raise ValueError("a secret id is 1-64 letters, digits, '_' or '-'")
     return f"sec_{new_id}"
+
+
+class SealedSecret(msgspec.Struct, frozen=True):
+    """What the SECRETS key-value bucket holds under a secret_ref."""
+
+    ciphertext: bytes
+    hint: str  # mask(): at most the last four characters
+
+
+async def put_sealed(kv: KeyValue, box: SecretBox, ref: str, plaintext: str) -> SealedSecret:
+    sealed = SealedSecret(ciphertext=box.seal(plaintext), hint=mask(plaintext))
+    await kv.put(ref, msgspec.json.encode(sealed))
+    return sealed
+
+
+async def read_sealed(kv: KeyValue, box: SecretBox, ref: str) -> str:
+    """The plaintext behind a secret_ref; SecretUnreadable if missing or no key opens it."""
+    try:
+        entry = await kv.get(ref)
+    except KeyNotFoundError:
+        raise SecretUnreadable(f"no secret stored under {ref}") from None
+    return box.unseal(msgspec.json.decode(entry.value, type=SealedSecret).ciphertext)
