@@ -44,6 +44,14 @@ class InboundTrunkConfig(Struct, kw_only=True, frozen=True):
     credentials: SipCredentials | None = None
 
 
+class PreCallWebhookConfig(Struct, kw_only=True, frozen=True):
+    url: str
+    secret: str  # Standard Webhooks signing secret "whsec_<base64>": sealed at rest, never shown
+    timeout_ms: int = 2000
+    fail_closed: bool = False
+    allow_private: bool = False
+
+
 class RegisterNumber(Command, tag="register_number", kw_only=True):
     """Register (import) a number: from Twilio (with `twilio` credentials) or as a SIP trunk."""
 
@@ -117,6 +125,7 @@ class ConfigureAccount(Command, tag="configure_account", kw_only=True):
     per_call_max_s: Positive | None = None
     timezone: str = "UTC"
     allowed_high_risk_prefixes: tuple[str, ...] = ()  # outbound premium / revenue-share ranges allowed
+    pre_call_webhook: PreCallWebhookConfig | None = None
 
 
 class CreditAccount(Command, tag="credit_account", kw_only=True):
@@ -209,6 +218,14 @@ class NumberView(Struct, kw_only=True):
     version: int = 0  # stream sequence of the number's last event (optimistic concurrency)
 
 
+class PreCallWebhookView(Struct, kw_only=True):
+    url: str
+    secret_hint: str | None = None
+    timeout_ms: int = 2000
+    fail_closed: bool = False
+    allow_private: bool = False
+
+
 class AccountView(Struct, kw_only=True):
     account_id: str
     rate_millicredits_per_minute: int
@@ -217,6 +234,7 @@ class AccountView(Struct, kw_only=True):
     per_call_max_s: int | None = None
     timezone: str = "UTC"
     allowed_high_risk_prefixes: tuple[str, ...] = ()
+    pre_call_webhook: PreCallWebhookView | None = None
     numbers: int = 0
     credited_millicredits: int = 0  # total of all top-ups (balances belong to the meter)
 

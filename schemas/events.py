@@ -8,7 +8,7 @@ ignore unknown fields. Money is integer millicredits, durations integer millisec
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import msgspec
 from msgspec import Meta, Struct, field
@@ -131,6 +131,16 @@ class InboundTrunk(Model, kw_only=True):
     secret_ref: str | None = None
 
 
+class PreCallWebhook(Model, kw_only=True):
+    """An account's pre-call webhook (SPEC section 6); its signing secret is sealed, by reference."""
+
+    url: str
+    secret_ref: str | None = None
+    timeout_ms: Annotated[int, Meta(ge=1, le=30_000)] = 2000
+    fail_closed: bool = False  # on timeout or error: reject instead of proceeding with defaults
+    allow_private: bool = False  # let the URL resolve to loopback / private addresses
+
+
 class Check(Model, kw_only=True):
     """One admission check as evaluated: its inputs and whether it passed."""
 
@@ -211,6 +221,7 @@ class AccountConfigured(Event, tag="account.configured", kw_only=True):
     timezone: str = "UTC"
     # Outbound: high-risk (premium, revenue-share) destination prefixes this account may call.
     allowed_high_risk_prefixes: tuple[Prefix, ...] = ()
+    pre_call_webhook: PreCallWebhook | None = None
 
 
 class AccountCredited(Event, tag="account.credited", kw_only=True):
@@ -250,6 +261,8 @@ class CallAccepted(Event, tag="call.accepted", kw_only=True):
     ring_timeout_s: Positive = 60
     auto_answer: bool = True
     dynamic_variables: dict[str, VariableValue] = {}
+    # What the pre-call webhook overrode (only allowed keys, e.g. {"agent": {"first_message": ...}}).
+    conversation_config_override: dict[str, Any] = {}
     decision: Decision = Decision()
 
 

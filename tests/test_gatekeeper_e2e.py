@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import msgspec
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -136,3 +137,67 @@ async def test_calls_explain_prints_every_check_of_a_decision(nats_url: str, js:
         assert "REJECTED: caller_blocked (SIP 403)" in run.stdout
         assert "policy version 3" in run.stdout
         assert "FAIL  blocked_prefixes  (caller=+19005550100)" in run.stdout
+
+
+WEBHOOK_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+@pytest.fixture(scope="module")
+def hooks():  # noqa: ANN201
+    """A real local HTTP server playing the customer's pre-call webhook."""
+    from tests.test_gatekeeper_webhook import serving
+
+    with serving() as server:
+        yield server
+
+
+@pytest.mark.parametrize(
+    ("scenario", "fail_closed", "expected"),
+    [
+        ("ok", False, "accepted"),  # variables and overrides from the webhook
+        ("decline", False, "webhook_rejected"),
+        ("error", False, "accepted"),  # fail open: proceed with defaults
+        ("error", True, "webhook_rejected"),  # fail closed
+    ],
+)
+async def test_the_pre_call_webhook_is_signed_and_its_answer_decides(
+    hooks, stack: Stack, js: JetStreamContext, nc: Client, scenario: str, fail_closed: bool, expected: str  # noqa: ANN001
+) -> None:
+    from standardwebhooks import Webhook
+
+    from schemas.commands import PreCallWebhookConfig
+
+    hooks.received.clear()
+    decisions = Decisions()
+    for subject in ("call.accepted.*", "call.rejected.*", "ledger.credited.*"):
+        await nc.subscribe(subject, cb=decisions.collect)
+    hook = PreCallWebhookConfig(
+        url=hooks.url(scenario), secret=WEBHOOK_SECRET, fail_closed=fail_closed, allow_private=True
+    )
+    for command in (
+        ConfigureAccount(account_id=ACCOUNT, pre_call_webhook=hook),
+        CreditAccount(account_id=ACCOUNT, amount_millicredits=1_000_000, reference="topup"),
+        RegisterNumber(number=NUMBER, account_id=ACCOUNT),
+        AssignAgent(number=NUMBER, agent_id="agent_1"),
+    ):
+        reply = await send(nc, "provisioner", command)
+        assert reply.ok, reply
+    await asyncio.wait_for(decisions.credited.wait(), 10)
+    await publish_all(js, offers(0, 1))
+    await decisions.wait_for(1)
+
+    decision = decisions.by_call["call_0"]
+    assert (decision.reason if isinstance(decision, CallRejected) else "accepted") == expected
+    assert decision.decision.checks[-1].name == "pre_call_webhook"
+    [request] = hooks.received
+    Webhook(WEBHOOK_SECRET).verify(request.body, request.headers)  # raises if the signature is wrong
+    assert msgspec.json.decode(request.body) == {
+        "caller_id": "+15551234567",
+        "agent_id": "agent_1",
+        "called_number": NUMBER,
+        "call_id": "call_0",
+    }
+    if scenario == "ok":
+        assert decision.dynamic_variables["customer_name"] == "Ada"
+        assert decision.dynamic_variables["system__call_sid"] == "call_0"
+        assert decision.conversation_config_override["agent"]["first_message"] == "Hi Ada!"

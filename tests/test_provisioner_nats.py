@@ -171,3 +171,20 @@ async def test_rotating_secrets_lets_the_old_key_be_retired(js: JetStreamContext
 
     sealed = msgspec.json.decode((await kv.get(key)).value, type=SealedSecret)
     assert SecretBox.from_keys(new).unseal(sealed.ciphertext) == TOKEN
+
+
+async def test_a_webhook_signing_secret_is_sealed_like_any_credential(js: JetStreamContext) -> None:
+    from schemas.commands import ConfigureAccount, GetAccount, PreCallWebhookConfig
+
+    secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    p = await provisioner(js)
+    hook = PreCallWebhookConfig(url="https://hooks.example.com/pre-call", secret=secret, fail_closed=True)
+    reply = await p.handle(ConfigureAccount(account_id="acct_1", pre_call_webhook=hook))
+    assert reply.ok
+    view = (await p.handle(GetAccount(account_id="acct_1"))).account.pre_call_webhook
+    assert (view.url, view.fail_closed) == ("https://hooks.example.com/pre-call", True)
+    assert view.secret_hint.endswith(secret[-4:]) and secret not in str(view)
+    assert secret.encode() not in await stream_bytes(js, "ACCOUNTS")
+    bad = await p.handle(ConfigureAccount(account_id="acct_1", pre_call_webhook=PreCallWebhookConfig(url="https://x.example", secret="nope")))
+    assert (bad.code, bad.field, bad.rule) == ("invalid", "pre_call_webhook.secret", "webhook_secret")
+    await p.stop()

@@ -25,6 +25,7 @@ from nats.js import JetStreamContext
 from callplane import topology
 from callplane.broker import consume, publish_all
 from callplane.projection import Projection
+from callplane.secrets import SecretBox, SecretError, read_sealed
 from schemas import (
     AnyEvent,
     CallAccepted,
@@ -35,12 +36,14 @@ from schemas import (
     command_name,
     decode_command,
     decode_reply,
+    derived_id,
     encode_message,
     rpc,
 )
 from schemas.commands import AnswerCall, HoldCredit
 
 from .config import GatekeeperSettings
+from .webhook import Decline, Failed, Proceed, WebhookSettings, call_pre_call_webhook, make_client
 from .core import (
     DAY,
     Held,
@@ -48,6 +51,7 @@ from .core import (
     HoldRefused,
     HoldUnanswered,
     State,
+    WebhookVerdict,
     answered,
     complete,
     decide,
@@ -74,6 +78,10 @@ class Gatekeeper:
         self.numbers = Projection(js, "NUMBERS", fold)
         self.accounts = Projection(js, "ACCOUNTS", fold)
         self._ticker: asyncio.Task | None = None
+        self.http = make_client()  # the one shared client for pre-call webhooks
+        keys = self.settings.callplane_secret_keys
+        self.box = SecretBox.from_keys(keys) if keys else None
+        self._secrets: dict[str, str] = {}  # secret_ref -> webhook signing secret, opened once
 
     async def start(self) -> None:
         """Rebuild the state from the streams, then keep the lifecycle clock ticking."""
@@ -88,6 +96,7 @@ class Gatekeeper:
     async def stop(self) -> None:
         if self._ticker:
             self._ticker.cancel()
+        await self.http.aclose()
         await self.numbers.stop()
         await self.accounts.stop()
 
@@ -109,7 +118,8 @@ class Gatekeeper:
             log.info("call_rejected", number=provisional.number, reason=provisional.reason)
             return [provisional]
         hold = await self.request_hold(provisional)
-        final = complete(provisional, hold=hold, now=self.clock())
+        verdict = await self.ask_webhook(offer, provisional) if isinstance(hold, Held) else None
+        final = complete(provisional, hold=hold, webhook=verdict, now=self.clock())
         evolve(self.state, final)
         if isinstance(final, CallAccepted):
             log.info("call_accepted", number=final.number, agent_id=final.agent_id, hold_id=final.hold_id)
@@ -140,6 +150,55 @@ class Gatekeeper:
         if reply.code in ("insufficient_credits", "daily_voice_cap"):
             return HoldRefused(reply.code)
         return HoldUnanswered()
+
+    async def ask_webhook(self, offer: CallOffered, provisional: CallAccepted) -> WebhookVerdict | None:
+        """The account's pre-call webhook, if it has one (inbound calls only)."""
+        account = self.state.accounts.get(provisional.account_id)
+        hook = account.pre_call_webhook if account else None
+        if hook is None or offer.direction != "inbound":
+            return None
+        try:
+            secret = await self._webhook_secret(hook.secret_ref)
+            settings = WebhookSettings(
+                url=hook.url,
+                secret=secret,
+                timeout_ms=hook.timeout_ms,
+                fail_closed=hook.fail_closed,
+                allow_private=hook.allow_private,
+            )
+        except (SecretError, ValueError) as exc:
+            log.warning("webhook_unusable", account_id=provisional.account_id, error=type(exc).__name__)
+            return WebhookVerdict(proceed=not hook.fail_closed, failed=True, reason="webhook secret unavailable")
+        outcome = await call_pre_call_webhook(
+            self.http,
+            settings,
+            caller_id=offer.from_,
+            agent_id=provisional.agent_id,
+            called_number=offer.to,
+            call_id=offer.call_id,
+            msg_id=derived_id(offer.event_id, "webhook"),
+            now=self.clock(),
+        )
+        match outcome:
+            case Proceed():
+                return WebhookVerdict(
+                    proceed=True,
+                    dynamic_variables=outcome.dynamic_variables,
+                    conversation_config_override=outcome.conversation_config_override,
+                )
+            case Decline(reason=reason):
+                return WebhookVerdict(proceed=False, reason=reason)
+            case Failed():
+                log.warning("webhook_failed", kind=outcome.kind, fail_closed=outcome.fail_closed)
+                return WebhookVerdict(proceed=not outcome.fail_closed, failed=True, reason=f"{outcome.kind}: {outcome.reason}")
+        return None
+
+    async def _webhook_secret(self, ref: str | None) -> str:
+        if ref is None or self.box is None:
+            raise SecretError("no signing secret, or no CALLPLANE_SECRET_KEYS to open it")
+        if ref not in self._secrets:
+            self._secrets[ref] = await read_sealed(await self.js.key_value("SECRETS"), self.box, ref)
+        return self._secrets[ref]
 
     # -- the lifecycle clock and the agent's own pick-up ---------------------------
 

@@ -8,3 +8,6 @@ class GatekeeperSettings(NatsSettings, frozen=True, kw_only=True):
     # call as billing_unavailable (never admit on a guess).
     hold_timeout_ms: int = 500
     lifecycle_tick_ms: int = 250  # LIFECYCLE_TICK_MS: how often ring timeouts are checked
+    # CALLPLANE_SECRET_KEYS: the provisioner's Fernet keys, to open pre-call webhook signing
+    # secrets. Without them, a webhook counts as failed (fail-open or fail-closed per account).
+    callplane_secret_keys: str | None = None

@@ -126,6 +126,7 @@ class WebhookVerdict:
     proceed: bool
     reason: str = ""
     dynamic_variables: dict = field(default_factory=dict)
+    conversation_config_override: dict = field(default_factory=dict)
     failed: bool = False  # timeout / error / unsafe URL (proceed tells whether we go on anyway)
 
 
@@ -252,6 +253,7 @@ def complete(
             checks.append(Check(name="credit_hold", passed=False, inputs={"meter": "no answer in time"}))
             return refuse("billing_unavailable")
     variables = dict(provisional.dynamic_variables)
+    overrides: dict = {}
     if webhook is not None:
         checks.append(
             Check(
@@ -264,11 +266,13 @@ def complete(
             return refuse("webhook_rejected")
         # The webhook may add variables; it never overrides the system__ ones.
         variables = {**webhook.dynamic_variables, **variables}
+        overrides = webhook.conversation_config_override
     return msgspec.structs.replace(
         provisional,
         hold_id=hold.hold_id,
         max_duration_s=hold.max_duration_s,
         dynamic_variables=variables,
+        conversation_config_override=overrides,
         decision=Decision(policy_version=version, checks=tuple(checks)),
     )
 

@@ -32,6 +32,7 @@ from schemas import (
     NumberSynced,
     NumberUnregistered,
     OutboundTrunk,
+    PreCallWebhook,
     SecurityPolicy,
     timestamp,
 )
@@ -46,6 +47,7 @@ from schemas.commands import (
     NumberView,
     OutboundTrunkConfig,
     OutboundTrunkView,
+    PreCallWebhookView,
     RegisterNumber,
     SetPolicy,
     SyncNumber,
@@ -61,7 +63,7 @@ DEFAULT_SIP_DOMAIN = "sip.callplane.dev"
 SIP_URI_TEMPLATE = "<your-number>@{domain}:5060;transport=tcp"
 
 # Where a sealed secret of a command goes; the adapter seals and stores each, passing refs in.
-SECRET_SLOTS = ("twilio", "outbound_trunk", "inbound_trunk")
+SECRET_SLOTS = ("twilio", "outbound_trunk", "inbound_trunk", "pre_call_webhook")
 
 
 @dataclass(frozen=True)
@@ -239,6 +241,17 @@ def _decide(registry, command, *, now, new_id, rules, refs) -> Accepted | Refusa
                 validation.prefix(p, f"allowed_high_risk_prefixes[{i}]")
                 for i, p in enumerate(command.allowed_high_risk_prefixes)
             )
+            if (hook := command.pre_call_webhook) is not None:
+                validation.webhook_secret(hook.secret, "pre_call_webhook.secret")
+                if not 1 <= hook.timeout_ms <= 30_000:
+                    raise Invalid("pre_call_webhook.timeout_ms", "range", "must be 1 to 30000")
+                fields["pre_call_webhook"] = PreCallWebhook(
+                    url=validation.url(hook.url, "pre_call_webhook.url"),
+                    secret_ref=refs.get("pre_call_webhook"),
+                    timeout_ms=hook.timeout_ms,
+                    fail_closed=hook.fail_closed,
+                    allow_private=hook.allow_private,
+                )
             return Accepted([AccountConfigured(**stamp(), **fields)])
         case CreditAccount():
             if command.reference in registry.account(command.account_id).credit_references:
@@ -379,6 +392,8 @@ def secrets_of(command: AnyCommand) -> dict[str, str]:
         trunk = getattr(command, slot, None)
         if trunk is not None and trunk.credentials is not None:
             found[slot] = trunk.credentials.password
+    if (hook := getattr(command, "pre_call_webhook", None)) is not None:
+        found["pre_call_webhook"] = hook.secret
     return found
 
 
@@ -439,6 +454,15 @@ def view_account(registry: Registry, account_id: str) -> AccountView | None:
         per_call_max_s=c.per_call_max_s,
         timezone=c.timezone,
         allowed_high_risk_prefixes=c.allowed_high_risk_prefixes,
+        pre_call_webhook=PreCallWebhookView(
+            url=c.pre_call_webhook.url,
+            secret_hint=registry.secret_hints.get(c.pre_call_webhook.secret_ref or ""),
+            timeout_ms=c.pre_call_webhook.timeout_ms,
+            fail_closed=c.pre_call_webhook.fail_closed,
+            allow_private=c.pre_call_webhook.allow_private,
+        )
+        if c.pre_call_webhook
+        else None,
         numbers=registry.numbers_of(account_id),
         credited_millicredits=account.credited_millicredits,
     )

@@ -48,6 +48,7 @@ from starlette.routing import Route
 
 from schemas import Reply, SecurityPolicy
 from schemas.commands import (
+    PreCallWebhookConfig,
     AccountView,
     ConfigureAccount,
     CreditAccount,
@@ -128,6 +129,7 @@ class AccountSettings(Struct, kw_only=True):
     allowed_high_risk_prefixes: Annotated[
         tuple[str, ...], Meta(description="outbound premium / revenue-share prefixes this account may call")
     ] = ()
+    pre_call_webhook: PreCallWebhookConfig | None = None
 
 
 class Credit(Struct, kw_only=True):

@@ -20,6 +20,7 @@ Decisions:
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import re
 import zoneinfo
@@ -403,4 +404,16 @@ def secret_text(value: object, field: str) -> str:
     text = _text(value, field)
     if not text or len(text) > MAX_SECRET:
         raise Invalid(field, "secret_length", f"must be 1 to {MAX_SECRET} characters")
+    return text
+
+
+def webhook_secret(value: object, field: str) -> str:
+    """A Standard Webhooks signing secret: 'whsec_' and base64 of at least 24 bytes."""
+    text = secret_text(value, field)
+    try:
+        key = base64.b64decode(text.removeprefix("whsec_"), validate=True)
+    except ValueError:
+        raise Invalid(field, "webhook_secret", "must be 'whsec_' followed by base64") from None
+    if len(key) < 24:
+        raise Invalid(field, "webhook_secret", "must hold at least 24 bytes of key")
     return text
