@@ -45,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     setup = nats_cmd.add_parser("setup", help="create or update every stream and consumer (idempotent)")
     setup.add_argument("--url", default=None, help="NATS URL (default $NATS_URL or nats://127.0.0.1:4222)")
     setup.add_argument("--replicas", type=int, default=1, help="stream replicas: 1 single node, 3 on a cluster")
+    setup.add_argument(
+        "--gatekeeper-partitions",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split admission across N gatekeeper instances by number (each runs with GATEKEEPER_PARTITION=0..N-1)",
+    )
     setup.set_defaults(run=cmd_nats_setup)
 
     schemas_cmd = commands.add_parser("schemas", help="the event contract").add_subparsers(title="schemas commands")
@@ -114,7 +121,9 @@ def cmd_nats_setup(args: argparse.Namespace) -> None:
     async def run() -> None:
         nc = await connect(args.url)
         try:
-            report = await topology.setup(nc.jetstream(), replicas=args.replicas)
+            report = await topology.setup(
+                nc.jetstream(), replicas=args.replicas, gatekeeper_partitions=args.gatekeeper_partitions
+            )
         finally:
             await nc.close()
         for line in report.lines():

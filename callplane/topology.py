@@ -8,7 +8,9 @@ they bind to what this module declared and refuse to start if it is missing.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from nats.js import JetStreamContext
@@ -21,6 +23,8 @@ from nats.js.api import (
     RetentionPolicy,
     StorageType,
     StreamConfig,
+    StreamSource,
+    SubjectTransform,
 )
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
@@ -46,6 +50,12 @@ class ConsumerSpec:
     subjects: tuple[str, ...]
     service: str
     description: str = ""
+    # Leading subject tokens a partitioned stream adds ("gatekeeper.<p>."): stripped to
+    # recover the event's own subject.
+    strip_tokens: int = 0
+
+    def event_subject(self, subject: str) -> str:
+        return subject.split(".", self.strip_tokens)[-1] if self.strip_tokens else subject
 
     def config(self) -> ConsumerConfig:
         return ConsumerConfig(
@@ -94,6 +104,43 @@ CONSUMERS: tuple[ConsumerSpec, ...] = (
 KV_BUCKETS: tuple[str, ...] = ("SECRETS",)
 
 
+# Gatekeeper scale-out: with N > 1 partitions, a work-queue stream sources the calls the
+# gatekeeper needs from CALLS and files each under `gatekeeper.<p>.` where p is a hash of
+# the number token (NATS's partition() mapping). Instance i consumes partition i only, so
+# every number's offers and ends reach exactly one instance, in order: counting stays exact.
+GATEKEEPER_STREAM = "GATEKEEPER"
+GATEKEEPER_CALL_TYPES = ("offered", "answered", "missed", "ended")
+
+
+def gatekeeper_partition(index: int) -> ConsumerSpec:
+    return ConsumerSpec(
+        f"gatekeeper-{index}",
+        GATEKEEPER_STREAM,
+        (f"gatekeeper.{index}.>",),
+        "gatekeeper",
+        f"admission for partition {index} of the numbers",
+        strip_tokens=2,
+    )
+
+
+def gatekeeper_stream_config(partitions: int, *, replicas: int = 1, start: datetime | None = None) -> StreamConfig:
+    transforms = [
+        SubjectTransform(
+            src=f"call.{kind}.*",
+            dest=f"gatekeeper.{{{{partition({partitions},1)}}}}.call.{kind}.{{{{wildcard(1)}}}}",
+        )
+        for kind in GATEKEEPER_CALL_TYPES
+    ]
+    return StreamConfig(
+        name=GATEKEEPER_STREAM,
+        sources=[StreamSource(name="CALLS", opt_start_time=start, subject_transforms=transforms)],
+        retention=RetentionPolicy.WORK_QUEUE,  # a work list: CALLS stays the record
+        storage=StorageType.FILE,
+        discard=DiscardPolicy.NEW,
+        num_replicas=replicas,
+    )
+
+
 def consumer(durable: str) -> ConsumerSpec:
     return next(c for c in CONSUMERS if c.durable == durable)
 
@@ -137,8 +184,10 @@ def _differs(wanted: Any, current: Any) -> bool:
     return any(have.get(key) != value for key, value in wanted.as_dict().items())
 
 
-async def setup(js: JetStreamContext, *, replicas: int = 1) -> SetupReport:
+async def setup(js: JetStreamContext, *, replicas: int = 1, gatekeeper_partitions: int = 1) -> SetupReport:
     """Create or update every stream and consumer. A second run changes nothing."""
+    if gatekeeper_partitions < 1:
+        raise ValueError("gatekeeper partitions: 1 or more")
     report = SetupReport()
     for name in STREAMS:
         wanted = stream_config(name, replicas=replicas)
@@ -160,7 +209,13 @@ async def setup(js: JetStreamContext, *, replicas: int = 1) -> SetupReport:
         except BucketNotFoundError:
             await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE, replicas=replicas))
             report.created.append(f"kv {bucket}")
-    for spec in CONSUMERS:
+    partitioned = gatekeeper_partitions > 1
+    specs = [spec for spec in CONSUMERS if not (partitioned and spec.durable == "gatekeeper")]
+    if partitioned:
+        await _ensure_gatekeeper_stream(js, gatekeeper_partitions, replicas, report)
+        specs += [gatekeeper_partition(i) for i in range(gatekeeper_partitions)]
+    await _remove_stale_gatekeeper_consumers(js, gatekeeper_partitions, report)
+    for spec in specs:
         label = f"consumer {spec.stream}/{spec.durable}"
         wanted = spec.config()
         try:
@@ -175,6 +230,47 @@ async def setup(js: JetStreamContext, *, replicas: int = 1) -> SetupReport:
         else:
             report.unchanged.append(label)
     return report
+
+
+async def _ensure_gatekeeper_stream(js: JetStreamContext, partitions: int, replicas: int, report: SetupReport) -> None:
+    try:
+        current = (await js.stream_info(GATEKEEPER_STREAM)).config
+    except NotFoundError:
+        # Source only what arrives from now on: older offers were decided already.
+        await js.add_stream(gatekeeper_stream_config(partitions, replicas=replicas, start=datetime.now(UTC)))
+        report.created.append(f"stream {GATEKEEPER_STREAM} ({partitions} partitions)")
+        return
+    start = current.sources[0].opt_start_time if current.sources else None
+    wanted = gatekeeper_stream_config(partitions, replicas=replicas, start=start)
+    if _differs(wanted, current):
+        await js.update_stream(wanted)
+        report.updated.append(f"stream {GATEKEEPER_STREAM} ({partitions} partitions)")
+    else:
+        report.unchanged.append(f"stream {GATEKEEPER_STREAM}")
+
+
+async def _remove_stale_gatekeeper_consumers(js: JetStreamContext, partitions: int, report: SetupReport) -> None:
+    """One way of consuming at a time: the single durable, or one per partition."""
+    if partitions > 1:
+        with contextlib.suppress(NotFoundError):
+            await js.delete_consumer("CALLS", "gatekeeper")
+            report.updated.append("consumer CALLS/gatekeeper removed (partitioned now)")
+        for info in await _consumers(js, GATEKEEPER_STREAM):
+            index = info.name.removeprefix("gatekeeper-")
+            if index.isdigit() and int(index) >= partitions:
+                await js.delete_consumer(GATEKEEPER_STREAM, info.name)
+                report.updated.append(f"consumer {GATEKEEPER_STREAM}/{info.name} removed")
+    else:
+        with contextlib.suppress(NotFoundError):
+            await js.delete_stream(GATEKEEPER_STREAM)
+            report.updated.append(f"stream {GATEKEEPER_STREAM} removed (one gatekeeper partition)")
+
+
+async def _consumers(js: JetStreamContext, stream: str) -> list:
+    try:
+        return await js.consumers_info(stream)
+    except NotFoundError:
+        return []
 
 
 async def check(js: JetStreamContext, specs: tuple[ConsumerSpec, ...]) -> None:

@@ -230,7 +230,9 @@ class Gatekeeper:
 async def wire(broker: NatsBroker, js: JetStreamContext, settings: GatekeeperSettings):
     gatekeeper = Gatekeeper(js, settings)
     await gatekeeper.start()
-    consume(broker, topology.consumer("gatekeeper"), gatekeeper.on_call_event)
+    partition = settings.gatekeeper_partition
+    spec = topology.consumer("gatekeeper") if partition is None else topology.gatekeeper_partition(partition)
+    consume(broker, spec, gatekeeper.on_call_event)
 
     @broker.subscriber(rpc("gatekeeper", command_name(AnswerCall)), decoder=_raw)
     async def on_answer(body: bytes) -> bytes:

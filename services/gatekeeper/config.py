@@ -11,3 +11,6 @@ class GatekeeperSettings(NatsSettings, frozen=True, kw_only=True):
     # CALLPLANE_SECRET_KEYS: the provisioner's Fernet keys, to open pre-call webhook signing
     # secrets. Without them, a webhook counts as failed (fail-open or fail-closed per account).
     callplane_secret_keys: str | None = None
+    # GATEKEEPER_PARTITION: this instance's partition (0..N-1) when `callplane nats setup
+    # --gatekeeper-partitions N` split admission by number; unset: the single consumer.
+    gatekeeper_partition: int | None = None
