@@ -127,3 +127,41 @@ def test_replaying_the_published_events_rebuilds_the_same_counts():
     replayed = line(*published, max_concurrent_calls=2)
     assert outcome(decide(replayed, offer("d"), now=T0)) == outcome(decide(live, offer("d"), now=T0)) == ("accepted", None)
     assert replayed.lines["+48123456789"].active.keys() == live.lines["+48123456789"].active.keys() == {"b"}
+
+
+# -- model check: concurrency and sliding windows against a brute-force model ----------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+steps = st.lists(
+    st.one_of(
+        st.tuples(st.just("offer"), st.integers(0, 0)),
+        st.tuples(st.just("end"), st.integers(0, 30)),
+        st.tuples(st.just("wait"), st.integers(1, 2400)),  # seconds
+    ),
+    max_size=80,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(cap=st.integers(1, 4), hourly=st.integers(1, 6), ops=steps)
+def test_admissions_match_a_brute_force_model_of_slots_and_the_hourly_window(cap, hourly, ops):
+    state = line(max_concurrent_calls=cap, max_calls_per_hour=hourly)
+    now = T0
+    active: list[str] = []  # the model: admitted and not ended
+    admitted_at: list = []  # the model: every admission time
+    for n, (op, arg) in enumerate(ops):
+        if op == "wait":
+            now += timedelta(seconds=arg)
+        elif op == "end" and active:
+            call_id = active.pop(arg % len(active))
+            evolve(state, ended(call_id))
+        elif op == "offer":
+            in_window = sum(1 for t in admitted_at if now - timedelta(hours=1) < t <= now)
+            expected = "busy" if len(active) >= cap else "hourly_limit" if in_window >= hourly else "accepted"
+            result = admit(state, f"call_{n}", hold=Held(f"hold_{n}", 10**7), now=now)  # leases outlast the run
+            assert outcome(result)[0] == expected
+            if expected == "accepted":
+                active.append(f"call_{n}")
+                admitted_at.append(now)
