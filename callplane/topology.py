@@ -83,7 +83,7 @@ CONSUMERS: tuple[ConsumerSpec, ...] = (
     ConsumerSpec(
         "meter-calls",
         "CALLS",
-        ("call.accepted.*", "call.rejected.*", "call.missed.*", "call.agent_replied.*", "call.ended.*"),
+        ("call.accepted.*", "call.rejected.*", "call.missed.*", "call.answered.*", "call.agent_replied.*", "call.ended.*"),
         "meter",
         "rates calls into the ledger",
     ),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
@@ -13,13 +15,15 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from callplane import topology
-from callplane.broker import consume
+from callplane.broker import consume, publish_all
 from schemas import (
     AccountConfigured,
     AccountCredited,
     AnyEvent,
     CallAccepted,
     CallAgentReplied,
+    CallAnswered,
+    CallCutoff,
     CallEnded,
     CallMissed,
     CallRejected,
@@ -36,12 +40,22 @@ from schemas import (
     encode,
     encode_message,
     rpc,
+    timestamp,
 )
 from schemas.commands import HoldCredit, HoldView
 
 from . import ledger
 from .config import MeterSettings
-from .core import HoldRefusal, decide_hold, rate_call, round_half_up_div
+from .core import (
+    AccountLimits,
+    Extend,
+    HoldRefusal,
+    RunningCall,
+    decide_hold,
+    rate_call,
+    round_half_up_div,
+    supervise,
+)
 
 log = structlog.get_logger()
 
@@ -113,13 +127,19 @@ class Meter:
                 return [entry]
             case CallAccepted():
                 con.execute(
-                    "INSERT INTO calls VALUES (?, ?, ?, ?, ?, 0) ON CONFLICT DO NOTHING",
+                    "INSERT INTO calls (call_id, account_id, number, agent_id, accepted_at) VALUES (?, ?, ?, ?, ?) "
+                    "ON CONFLICT DO NOTHING",
                     [event.call_id, event.account_id, event.number, event.agent_id, event.occurred_at],
                 )
                 if event.hold_id:
                     return self._record_hold(event)
             case CallRejected() | CallMissed():
                 return self._release(event)
+            case CallAnswered():
+                con.execute(
+                    "UPDATE calls SET answered_at = coalesce(answered_at, ?) WHERE call_id = ?",
+                    [event.occurred_at, event.call_id],
+                )
             case CallAgentReplied():
                 con.execute("UPDATE calls SET responses = responses + ? WHERE call_id = ?", [event.responses, event.call_id])
             case CallEnded():
@@ -147,6 +167,7 @@ class Meter:
         )
         balance = self._add_to_balance(account_id, -charge.total_millicredits)
         self.con.execute("UPDATE holds SET status = 'posted' WHERE call_id = ? AND status = 'open'", [event.call_id])
+        self.con.execute("UPDATE calls SET ended = true WHERE call_id = ?", [event.call_id])
         entry = LedgerCharged(
             event_id=derived_id(event.event_id, "charged"),
             occurred_at=event.occurred_at,
@@ -203,6 +224,61 @@ class Meter:
         return Reply(
             ok=True,
             hold=HoldView(hold_id=hold_id, amount_millicredits=grant.amount_millicredits, max_duration_s=grant.max_duration_s),
+        )
+
+    # -- calls in progress: extend holds or cut off --------------------------------
+
+    def supervise(self, now: datetime) -> list[Event]:
+        """Extend the holds of running calls before they run dry; order call.cutoff when an
+        account cannot cover the next minute or a cap is reached."""
+        rows = self.con.execute(
+            """SELECT c.call_id, c.account_id, c.number, epoch(c.answered_at), h.hold_id, h.amount_millicredits
+               FROM calls c JOIN holds h USING (call_id)
+               WHERE c.answered_at IS NOT NULL AND NOT c.ended AND c.cut_off IS NULL AND h.status = 'open'"""
+        ).fetchall()
+        if not rows:
+            return []
+        calls = [RunningCall(call_id, account_id, answered, held) for call_id, account_id, _, answered, _, held in rows]
+        limits = {account_id: self._limits(account_id) for account_id in {c.account_id for c in calls}}
+        numbers = {call_id: (number, hold_id) for call_id, _, number, _, hold_id, _ in rows}
+        produced: list[Event] = []
+        for action in supervise(calls, limits, now.timestamp()):
+            number, hold_id = numbers[action.call_id]
+            if isinstance(action, Extend):
+                self.con.execute(
+                    "UPDATE holds SET amount_millicredits = amount_millicredits + ? WHERE hold_id = ?",
+                    [action.amount_millicredits, hold_id],
+                )
+                log.info("hold_extended", call_id=action.call_id, millicredits=action.amount_millicredits)
+            else:
+                self.con.execute("UPDATE calls SET cut_off = ? WHERE call_id = ?", [action.reason, action.call_id])
+                produced.append(
+                    CallCutoff(
+                        event_id=f"cutoff_{action.call_id}",
+                        occurred_at=timestamp(now),
+                        call_id=action.call_id,
+                        number=number,
+                        reason=action.reason,
+                    )
+                )
+                log.warning("call_cutoff", call_id=action.call_id, reason=action.reason)
+        return produced
+
+    def _limits(self, account_id: str) -> AccountLimits:
+        rate, balance, per_call_max_s, daily_cap_s, tz, open_holds = self.con.execute(
+            """SELECT a.rate_millicredits_per_minute, a.balance_millicredits, a.per_call_max_s, a.daily_voice_cap_s,
+                      a.timezone,
+                      (SELECT coalesce(sum(amount_millicredits), 0) FROM holds h
+                        WHERE h.account_id = a.account_id AND h.status = 'open')
+               FROM accounts a WHERE a.account_id = ?""",
+            [account_id],
+        ).fetchall()[0]
+        return AccountLimits(
+            rate_millicredits_per_minute=rate,
+            available_millicredits=balance - open_holds,
+            per_call_max_s=per_call_max_s,
+            daily_voice_cap_s=daily_cap_s,
+            voice_s_today=self._voice_seconds_today(account_id, tz) if daily_cap_s is not None else 0,
         )
 
     def _voice_seconds_today(self, account_id: str, tz: str) -> int:
@@ -314,7 +390,20 @@ async def wire(broker: NatsBroker, js: JetStreamContext, settings: MeterSettings
             return encode_message(Reply(ok=False, code="invalid", message="the meter answers hold_credit only"))
         return encode_message(meter.hold(command))
 
+    async def supervise_forever() -> None:
+        while True:
+            await asyncio.sleep(settings.supervise_ms / 1000)
+            try:
+                cutoffs = meter.supervise(datetime.now(UTC))
+                if cutoffs:
+                    await publish_all(js, cutoffs)
+            except Exception:  # noqa: BLE001 - one bad round must not stop supervision
+                log.exception("supervise_failed")
+
+    supervisor = asyncio.create_task(supervise_forever())
+
     async def stop() -> None:
+        supervisor.cancel()
         con.close()
 
     return stop

@@ -87,3 +87,77 @@ def decide_hold(
         limits.append(available * 60 // rate_millicredits_per_minute)  # seconds the balance pays for
     bounded = [limit for limit in limits if limit is not None]
     return HoldGrant(first_minute, min(bounded) if bounded else None)
+
+
+# -- calls in progress: extend holds ahead of use, or cut the call off ----------------
+
+EXTENSION_S = 60  # a hold grows by a minute's price at a time
+EXTEND_AHEAD_S = 15  # ... this long before what it covers runs out
+
+
+@dataclass(frozen=True)
+class RunningCall:
+    call_id: str
+    account_id: str
+    answered_at_s: float  # seconds since the epoch
+    held_millicredits: int  # what its hold reserves now
+
+
+@dataclass(frozen=True)
+class AccountLimits:
+    rate_millicredits_per_minute: int
+    available_millicredits: int  # balance minus every open hold
+    per_call_max_s: int | None = None
+    daily_voice_cap_s: int | None = None
+    voice_s_today: int = 0  # charged today before these calls
+
+
+@dataclass(frozen=True)
+class Extend:
+    call_id: str
+    amount_millicredits: int
+
+
+@dataclass(frozen=True)
+class CutOff:
+    call_id: str
+    reason: str  # credit_exhausted | per_call_cap | daily_cap
+
+
+def covered_s(held_millicredits: int, rate_millicredits_per_minute: int) -> int:
+    """Seconds of talk a hold pays for."""
+    if rate_millicredits_per_minute <= 0:
+        return 2**62
+    return held_millicredits * 60 // rate_millicredits_per_minute
+
+
+def supervise(calls: list[RunningCall], limits: dict[str, AccountLimits], now_s: float) -> list[Extend | CutOff]:
+    """For each call in progress: cut it off at a cap, or extend its hold before it runs
+    dry, or cut it off if the account cannot cover the extension. Extensions are granted
+    in order, each one spending the account's available balance: concurrent calls of one
+    account never reserve more than it has."""
+    available = {account_id: lim.available_millicredits for account_id, lim in limits.items()}
+    used_today = {account_id: lim.voice_s_today for account_id, lim in limits.items()}
+    actions: list[Extend | CutOff] = []
+    for call in sorted(calls, key=lambda c: (c.answered_at_s, c.call_id)):
+        lim = limits.get(call.account_id)
+        if lim is None:
+            continue
+        elapsed = max(0.0, now_s - call.answered_at_s)
+        used_today[call.account_id] += int(elapsed)
+        if lim.per_call_max_s is not None and elapsed >= lim.per_call_max_s:
+            actions.append(CutOff(call.call_id, "per_call_cap"))
+            continue
+        if lim.daily_voice_cap_s is not None and used_today[call.account_id] >= lim.daily_voice_cap_s:
+            actions.append(CutOff(call.call_id, "daily_cap"))
+            continue
+        covered = covered_s(call.held_millicredits, lim.rate_millicredits_per_minute)
+        if elapsed + EXTEND_AHEAD_S < covered:
+            continue
+        step = round_half_up_div(lim.rate_millicredits_per_minute * EXTENSION_S, 60)
+        if available[call.account_id] >= step:
+            available[call.account_id] -= step
+            actions.append(Extend(call.call_id, step))
+        elif elapsed >= covered:
+            actions.append(CutOff(call.call_id, "credit_exhausted"))
+    return actions

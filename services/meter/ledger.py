@@ -30,6 +30,9 @@ CREATE TABLE IF NOT EXISTS calls (
     accepted_at TIMESTAMPTZ NOT NULL,
     responses BIGINT NOT NULL DEFAULT 0
 );
+ALTER TABLE calls ADD COLUMN IF NOT EXISTS answered_at TIMESTAMPTZ;
+ALTER TABLE calls ADD COLUMN IF NOT EXISTS ended BOOLEAN DEFAULT false;
+ALTER TABLE calls ADD COLUMN IF NOT EXISTS cut_off VARCHAR;  -- the cutoff reason, once ordered
 CREATE TABLE IF NOT EXISTS ledger (
     entry_id VARCHAR PRIMARY KEY,           -- the ledger.* event id
     source_event_id VARCHAR NOT NULL,       -- the call.* / account.* event it came from
@@ -67,6 +70,33 @@ CREATE OR REPLACE VIEW balances AS
                AS available_millicredits
     FROM accounts a LEFT JOIN holds h USING (account_id)
     GROUP BY a.account_id, a.balance_millicredits;
+-- Analysts' views (also exported to the Parquet snapshots): a day is the account's local day.
+CREATE OR REPLACE VIEW daily_account_totals AS
+    SELECT l.account_id,
+           CAST(timezone(coalesce(a.timezone, 'UTC'), l.occurred_at) AS DATE) AS day,
+           count(*) AS calls,
+           sum(l.charged_s) / 60.0 AS billed_minutes,
+           sum(l.voice_millicredits) AS voice_millicredits,
+           sum(l.text_millicredits) AS text_millicredits,
+           sum(l.amount_millicredits) AS total_millicredits
+    FROM ledger l LEFT JOIN accounts a USING (account_id)
+    WHERE l.kind = 'charged'
+    GROUP BY ALL;
+CREATE OR REPLACE VIEW daily_number_totals AS
+    SELECT l.number, l.account_id,
+           CAST(timezone(coalesce(a.timezone, 'UTC'), l.occurred_at) AS DATE) AS day,
+           count(*) AS calls,
+           sum(l.charged_s) / 60.0 AS billed_minutes,
+           sum(l.voice_millicredits) AS voice_millicredits,
+           sum(l.text_millicredits) AS text_millicredits,
+           sum(l.amount_millicredits) AS total_millicredits
+    FROM ledger l LEFT JOIN accounts a USING (account_id)
+    WHERE l.kind = 'charged'
+    GROUP BY ALL;
+CREATE OR REPLACE VIEW open_holds AS
+    SELECT h.hold_id, h.account_id, h.call_id, h.amount_millicredits, c.number, c.accepted_at
+    FROM holds h LEFT JOIN calls c USING (call_id)
+    WHERE h.status = 'open';
 """
 
 
