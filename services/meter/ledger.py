@@ -76,9 +76,9 @@ CREATE OR REPLACE VIEW daily_account_totals AS
            CAST(timezone(coalesce(a.timezone, 'UTC'), l.occurred_at) AS DATE) AS day,
            count(*) AS calls,
            sum(l.charged_s) / 60.0 AS billed_minutes,
-           sum(l.voice_millicredits) AS voice_millicredits,
-           sum(l.text_millicredits) AS text_millicredits,
-           sum(l.amount_millicredits) AS total_millicredits
+           CAST(sum(l.voice_millicredits) AS BIGINT) AS voice_millicredits,  -- sum() is HUGEINT,
+           CAST(sum(l.text_millicredits) AS BIGINT) AS text_millicredits,    -- which Parquet holds
+           CAST(sum(l.amount_millicredits) AS BIGINT) AS total_millicredits  -- as DOUBLE
     FROM ledger l LEFT JOIN accounts a USING (account_id)
     WHERE l.kind = 'charged'
     GROUP BY ALL;
@@ -87,9 +87,9 @@ CREATE OR REPLACE VIEW daily_number_totals AS
            CAST(timezone(coalesce(a.timezone, 'UTC'), l.occurred_at) AS DATE) AS day,
            count(*) AS calls,
            sum(l.charged_s) / 60.0 AS billed_minutes,
-           sum(l.voice_millicredits) AS voice_millicredits,
-           sum(l.text_millicredits) AS text_millicredits,
-           sum(l.amount_millicredits) AS total_millicredits
+           CAST(sum(l.voice_millicredits) AS BIGINT) AS voice_millicredits,  -- sum() is HUGEINT,
+           CAST(sum(l.text_millicredits) AS BIGINT) AS text_millicredits,    -- which Parquet holds
+           CAST(sum(l.amount_millicredits) AS BIGINT) AS total_millicredits  -- as DOUBLE
     FROM ledger l LEFT JOIN accounts a USING (account_id)
     WHERE l.kind = 'charged'
     GROUP BY ALL;
