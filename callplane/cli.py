@@ -76,8 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     rotate.set_defaults(run=cmd_secrets_rotate)
 
     from .admin_cli import add_admin_commands
+    from .ledger_cli import add_ledger_commands
 
     add_admin_commands(commands)
+    add_ledger_commands(commands)
     return parser
 
 

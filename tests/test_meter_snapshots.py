@@ -203,12 +203,7 @@ def test_daily_totals_count_days_in_the_accounts_time_zone(book: Ledger, tmp_pat
 
 
 def ledger_command() -> list[str]:
-    """`python -m callplane.cli ledger` once callplane/cli.py registers it, else the same
-    commands through `python -m callplane.ledger_cli`."""
-    from callplane.cli import build_parser
-
-    registered = "ledger" in build_parser()._subparsers._group_actions[0].choices  # noqa: SLF001
-    return [sys.executable, "-m", "callplane.cli", "ledger"] if registered else [sys.executable, "-m", "callplane.ledger_cli"]
+    return [sys.executable, "-m", "callplane.cli", "ledger"]
 
 
 def test_another_process_queries_the_latest_snapshot_while_the_meter_writes(book: Ledger, tmp_path: Path) -> None:

@@ -46,6 +46,7 @@ from schemas.commands import HoldCredit, HoldView
 
 from . import ledger
 from .config import MeterSettings
+from .snapshots import SnapshotSchedule, run_snapshots, snapshot_dir
 from .core import (
     AccountLimits,
     Extend,
@@ -401,9 +402,18 @@ async def wire(broker: NatsBroker, js: JetStreamContext, settings: MeterSettings
                 log.exception("supervise_failed")
 
     supervisor = asyncio.create_task(supervise_forever())
+    schedule = SnapshotSchedule(settings.snapshot_cron)  # a bad SNAPSHOT_CRON fails start-up here
+    snapshots_stop = asyncio.Event()
+    snapshotter = asyncio.create_task(
+        run_snapshots(
+            con, snapshot_dir(settings.callplane_data_dir), schedule, stop_event=snapshots_stop, keep=settings.snapshot_keep
+        )
+    )
 
     async def stop() -> None:
         supervisor.cancel()
+        snapshots_stop.set()
+        await snapshotter  # a snapshot in progress reads through a cursor: let it finish before closing
         con.close()
 
     return stop
