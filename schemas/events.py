@@ -264,6 +264,10 @@ class CallAccepted(Event, tag="call.accepted", kw_only=True):
     # What the pre-call webhook overrode (only allowed keys, e.g. {"agent": {"first_message": ...}}).
     conversation_config_override: dict[str, Any] = {}
     decision: Decision = Decision()
+    # The account's prices when the call was admitted: the call is billed at these, so its
+    # charge depends on the call's own events only (and a replay bills it the same).
+    rate_millicredits_per_minute: NonNegative | None = None
+    text_price_millicredits: NonNegative | None = None
 
 
 class CallRejected(Event, tag="call.rejected", kw_only=True):

@@ -224,6 +224,8 @@ def decide(state: State, offer: CallOffered, *, now: datetime) -> CallAccepted |
         account_id=line.account_id,
         agent_id=line.agent_id,
         max_duration_s=account.per_call_max_s if account else None,
+        rate_millicredits_per_minute=account.rate_millicredits_per_minute if account else None,
+        text_price_millicredits=account.text_price_millicredits if account else None,
         ring_timeout_s=RING_TIMEOUT_S,
         auto_answer=True,
         dynamic_variables=system_variables(offer, line.agent_id, now),

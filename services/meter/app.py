@@ -128,9 +128,17 @@ class Meter:
                 return [entry]
             case CallAccepted():
                 con.execute(
-                    "INSERT INTO calls (call_id, account_id, number, agent_id, accepted_at) VALUES (?, ?, ?, ?, ?) "
-                    "ON CONFLICT DO NOTHING",
-                    [event.call_id, event.account_id, event.number, event.agent_id, event.occurred_at],
+                    "INSERT INTO calls (call_id, account_id, number, agent_id, accepted_at, rate_millicredits_per_minute,"
+                    " text_price_millicredits) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                    [
+                        event.call_id,
+                        event.account_id,
+                        event.number,
+                        event.agent_id,
+                        event.occurred_at,
+                        event.rate_millicredits_per_minute,
+                        event.text_price_millicredits,
+                    ],
                 )
                 if event.hold_id:
                     return self._record_hold(event)
@@ -149,7 +157,9 @@ class Meter:
 
     def _charge(self, event: CallEnded) -> list[Event]:
         row = self.con.execute(
-            """SELECT c.account_id, c.responses, a.rate_millicredits_per_minute, a.text_price_millicredits
+            """SELECT c.account_id, c.responses,
+                      coalesce(c.rate_millicredits_per_minute, a.rate_millicredits_per_minute),
+                      coalesce(c.text_price_millicredits, a.text_price_millicredits)
                FROM calls c LEFT JOIN accounts a USING (account_id) WHERE c.call_id = ?""",
             [event.call_id],
         ).fetchall()
@@ -292,12 +302,13 @@ class Meter:
 
     def _record_hold(self, accepted: CallAccepted) -> list[Event]:
         """The ledger's record of a hold comes from call.accepted, so a replay rebuilds it."""
-        rate = self.con.execute(
+        known = self.con.execute(
             "SELECT rate_millicredits_per_minute FROM accounts WHERE account_id = ?", [accepted.account_id]
         ).fetchall()
-        if not rate:
+        if not known:
             raise UnknownAccount(f"account {accepted.account_id} is not configured (yet)")
-        amount = round_half_up_div(rate[0][0] * 60, 60)
+        rate = accepted.rate_millicredits_per_minute
+        amount = round_half_up_div((known[0][0] if rate is None else rate) * 60, 60)
         self.con.execute(
             "INSERT INTO holds VALUES (?, ?, ?, ?, 'open') ON CONFLICT DO NOTHING",
             [accepted.hold_id, accepted.call_id, accepted.account_id, amount],

@@ -31,6 +31,8 @@ CREATE TABLE IF NOT EXISTS calls (
     responses BIGINT NOT NULL DEFAULT 0
 );
 ALTER TABLE calls ADD COLUMN IF NOT EXISTS answered_at TIMESTAMPTZ;
+ALTER TABLE calls ADD COLUMN IF NOT EXISTS rate_millicredits_per_minute BIGINT;  -- as admitted
+ALTER TABLE calls ADD COLUMN IF NOT EXISTS text_price_millicredits BIGINT;
 ALTER TABLE calls ADD COLUMN IF NOT EXISTS ended BOOLEAN DEFAULT false;
 ALTER TABLE calls ADD COLUMN IF NOT EXISTS cut_off VARCHAR;  -- the cutoff reason, once ordered
 CREATE TABLE IF NOT EXISTS ledger (
