@@ -53,6 +53,20 @@ def add_ledger_commands(commands: argparse._SubParsersAction) -> None:
     snapshots.add_argument("--json", action="store_true", help="print JSON")
     snapshots.set_defaults(run=_exit_1_on_error(cmd_snapshots))
 
+    rebuild = ledger.add_parser(
+        "rebuild", help="replay the streams into a new, empty ledger file (the meter's own is untouched)"
+    )
+    rebuild.add_argument("out", type=Path, help="the new DuckDB file to write")
+    rebuild.add_argument("--url", default=None, help="NATS URL (default $NATS_URL or nats://127.0.0.1:4222)")
+    rebuild.add_argument("--export", type=Path, metavar="FILE", help="also write its canonical export here")
+    rebuild.set_defaults(run=_exit_1_on_error(cmd_rebuild))
+
+    export = ledger.add_parser(
+        "export", help="a ledger file as sorted JSON lines (entries and balances), to compare two byte for byte"
+    )
+    export.add_argument("database", type=Path, help="a ledger DuckDB file (not one a running meter holds)")
+    export.set_defaults(run=_exit_1_on_error(cmd_export))
+
     def usage(_args: argparse.Namespace) -> None:
         group.print_help(sys.stderr)
         sys.exit(2)
@@ -222,3 +236,34 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def cmd_rebuild(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from .client import connect
+    from .rebuild import export, rebuild
+
+    if args.out.exists():
+        raise LedgerError(f"{args.out} exists: rebuild writes a new ledger, give another path")
+
+    async def run() -> dict[str, int]:
+        nc = await connect(args.url)
+        try:
+            return await rebuild(nc, args.out)
+        finally:
+            await nc.close()
+
+    applied = asyncio.run(run())
+    print(f"rebuilt {args.out} from " + ", ".join(f"{n} {stream} events" for stream, n in applied.items()))
+    if args.export:
+        args.export.write_text(export(args.out))
+        print(f"canonical export in {args.export}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .rebuild import export
+
+    if not args.database.exists():
+        raise LedgerError(f"no ledger at {args.database}")
+    sys.stdout.write(export(args.database))

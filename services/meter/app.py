@@ -176,7 +176,7 @@ class Meter:
             responses=responses,
             text_price_millicredits=text_price,
         )
-        balance = self._add_to_balance(account_id, -charge.total_millicredits)
+        balance = self._add_to_balance(account_id, -charge.total_millicredits, create=True)
         self.con.execute("UPDATE holds SET status = 'posted' WHERE call_id = ? AND status = 'open'", [event.call_id])
         self.con.execute("UPDATE calls SET ended = true WHERE call_id = ?", [event.call_id])
         entry = LedgerCharged(
@@ -302,13 +302,16 @@ class Meter:
 
     def _record_hold(self, accepted: CallAccepted) -> list[Event]:
         """The ledger's record of a hold comes from call.accepted, so a replay rebuilds it."""
-        known = self.con.execute(
-            "SELECT rate_millicredits_per_minute FROM accounts WHERE account_id = ?", [accepted.account_id]
-        ).fetchall()
-        if not known:
-            raise UnknownAccount(f"account {accepted.account_id} is not configured (yet)")
         rate = accepted.rate_millicredits_per_minute
-        amount = round_half_up_div((known[0][0] if rate is None else rate) * 60, 60)
+        if rate is None:  # an event from before call.accepted carried the prices
+            known = self.con.execute(
+                "SELECT rate_millicredits_per_minute FROM accounts WHERE account_id = ?", [accepted.account_id]
+            ).fetchall()
+            if not known:
+                raise UnknownAccount(f"account {accepted.account_id} is not configured (yet)")
+            rate = known[0][0]
+        self._add_to_balance(accepted.account_id, 0, create=True)  # its settings may come later
+        amount = round_half_up_div(rate * 60, 60)
         self.con.execute(
             "INSERT INTO holds VALUES (?, ?, ?, ?, 'open') ON CONFLICT DO NOTHING",
             [accepted.hold_id, accepted.call_id, accepted.account_id, amount],

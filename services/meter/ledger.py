@@ -123,3 +123,22 @@ def outbox(con: duckdb.DuckDBPyConnection, source_event_id: str) -> list[str]:
         "SELECT event_json FROM ledger WHERE source_event_id = ? ORDER BY entry_id", [source_event_id]
     ).fetchall()
     return [r[0] for r in rows]
+
+
+def canonical_export(con: duckdb.DuckDBPyConnection) -> str:
+    """The ledger as sorted JSON lines, for comparing two ledgers byte for byte: every entry
+    (without the running balance, which depends on how two streams interleaved) and every
+    account's final balance (which does not)."""
+    import json
+
+    entries = con.execute(
+        """SELECT entry_id, kind, account_id, call_id, number, amount_millicredits, charged_s,
+                  voice_millicredits, text_millicredits, strftime(occurred_at AT TIME ZONE 'UTC', '%Y-%m-%dT%H:%M:%S.%g')
+           FROM ledger ORDER BY entry_id"""
+    ).fetchall()
+    balances = con.execute("SELECT account_id, balance_millicredits FROM accounts ORDER BY account_id").fetchall()
+    keys = ("entry_id", "kind", "account_id", "call_id", "number", "amount_millicredits", "charged_s",
+            "voice_millicredits", "text_millicredits", "occurred_at")  # fmt: skip
+    lines = [json.dumps({"entry": dict(zip(keys, row, strict=True))}, sort_keys=True) for row in entries]
+    lines += [json.dumps({"balance": {"account_id": a, "millicredits": b}}, sort_keys=True) for a, b in balances]
+    return "\n".join(lines) + "\n"
