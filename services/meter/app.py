@@ -49,6 +49,7 @@ from .config import MeterSettings
 from .snapshots import SnapshotSchedule, run_snapshots, snapshot_dir
 from .core import (
     AccountLimits,
+    Charge,
     Extend,
     HoldRefusal,
     RunningCall,
@@ -63,6 +64,11 @@ log = structlog.get_logger()
 
 class UnknownAccount(LookupError):
     """A call of an account whose configuration has not reached the meter yet: retried."""
+
+
+class UnknownCall(LookupError):
+    """An event of a call whose admission has not reached the meter yet (a redelivery can
+    overtake it): retried until it has."""
 
 
 class Meter:
@@ -142,43 +148,53 @@ class Meter:
                 )
                 if event.hold_id:
                     return self._record_hold(event)
-            case CallRejected() | CallMissed():
+            case CallRejected():
+                con.execute(
+                    "INSERT INTO calls (call_id, account_id, number, accepted_at, status) "
+                    "VALUES (?, '', ?, ?, 'rejected') ON CONFLICT DO NOTHING",
+                    [event.call_id, event.number, event.occurred_at],
+                )
+                return self._release(event)
+            case CallMissed():
                 return self._release(event)
             case CallAnswered():
                 con.execute(
                     "UPDATE calls SET answered_at = coalesce(answered_at, ?) WHERE call_id = ?",
                     [event.occurred_at, event.call_id],
                 )
-            case CallAgentReplied():
-                con.execute("UPDATE calls SET responses = responses + ? WHERE call_id = ?", [event.responses, event.call_id])
-            case CallEnded():
+            case CallAgentReplied() | CallEnded():
                 return self._charge(event)
         return []
 
-    def _charge(self, event: CallEnded) -> list[Event]:
+    def _charge(self, event: CallAgentReplied | CallEnded) -> list[Event]:
+        """Each source event posts its own part of a call's charge, whatever the order they
+        arrive in: the agent's responses (text) when replied, the voice when ended."""
         row = self.con.execute(
-            """SELECT c.account_id, c.responses,
+            """SELECT c.account_id, c.status,
                       coalesce(c.rate_millicredits_per_minute, a.rate_millicredits_per_minute),
                       coalesce(c.text_price_millicredits, a.text_price_millicredits)
                FROM calls c LEFT JOIN accounts a USING (account_id) WHERE c.call_id = ?""",
             [event.call_id],
         ).fetchall()
         if not row:
+            raise UnknownCall(f"{event.call_id} has not been admitted (yet)")
+        account_id, status, rate, text_price = row[0]
+        if status == "rejected":
             log.info("call_not_admitted_no_charge")
             return []
-        account_id, responses, rate, text_price = row[0]
         if rate is None:
             raise UnknownAccount(f"account {account_id} is not configured (yet)")
-        charge = rate_call(
-            duration_ms=event.duration_ms,
-            silent_ms=event.silent_ms,
-            rate_millicredits_per_minute=rate,
-            responses=responses,
-            text_price_millicredits=text_price,
-        )
+        if isinstance(event, CallAgentReplied):
+            self.con.execute("UPDATE calls SET responses = responses + ? WHERE call_id = ?", [event.responses, event.call_id])
+            charge = Charge(charged_s=0, voice_millicredits=0, text_millicredits=event.responses * text_price)
+            if not charge.total_millicredits:
+                return []
+        else:
+            charge = rate_call(duration_ms=event.duration_ms, silent_ms=event.silent_ms, rate_millicredits_per_minute=rate)
         balance = self._add_to_balance(account_id, -charge.total_millicredits, create=True)
-        self.con.execute("UPDATE holds SET status = 'posted' WHERE call_id = ? AND status = 'open'", [event.call_id])
-        self.con.execute("UPDATE calls SET ended = true WHERE call_id = ?", [event.call_id])
+        if isinstance(event, CallEnded):
+            self.con.execute("UPDATE holds SET status = 'posted' WHERE call_id = ? AND status = 'open'", [event.call_id])
+            self.con.execute("UPDATE calls SET ended = true WHERE call_id = ?", [event.call_id])
         entry = LedgerCharged(
             event_id=derived_id(event.event_id, "charged"),
             occurred_at=event.occurred_at,

@@ -31,6 +31,7 @@ CREATE TABLE IF NOT EXISTS calls (
     responses BIGINT NOT NULL DEFAULT 0
 );
 ALTER TABLE calls ADD COLUMN IF NOT EXISTS answered_at TIMESTAMPTZ;
+ALTER TABLE calls ADD COLUMN IF NOT EXISTS status VARCHAR DEFAULT 'accepted';  -- accepted | rejected
 ALTER TABLE calls ADD COLUMN IF NOT EXISTS rate_millicredits_per_minute BIGINT;  -- as admitted
 ALTER TABLE calls ADD COLUMN IF NOT EXISTS text_price_millicredits BIGINT;
 ALTER TABLE calls ADD COLUMN IF NOT EXISTS ended BOOLEAN DEFAULT false;
@@ -62,10 +63,16 @@ CREATE TABLE IF NOT EXISTS applied_events (
     consumer VARCHAR NOT NULL,
     stream_sequence BIGINT NOT NULL
 );
+-- A call's charge is posted in parts (its agent's responses as they come, the voice at the
+-- end), so no part depends on the order events arrive in; this view adds them up per call.
 CREATE OR REPLACE VIEW call_charges AS
-    SELECT call_id, account_id, number, charged_s, voice_millicredits, text_millicredits,
-           amount_millicredits AS total_millicredits, occurred_at
-    FROM ledger WHERE kind = 'charged';
+    SELECT call_id, any_value(account_id) AS account_id, any_value(number) AS number,
+           CAST(sum(charged_s) AS BIGINT) AS charged_s,
+           CAST(sum(voice_millicredits) AS BIGINT) AS voice_millicredits,
+           CAST(sum(text_millicredits) AS BIGINT) AS text_millicredits,
+           CAST(sum(amount_millicredits) AS BIGINT) AS total_millicredits,
+           max(occurred_at) AS occurred_at
+    FROM ledger WHERE kind = 'charged' GROUP BY call_id;
 CREATE OR REPLACE VIEW balances AS
     SELECT a.account_id, a.balance_millicredits,
            a.balance_millicredits - coalesce(sum(h.amount_millicredits) FILTER (WHERE h.status = 'open'), 0)
@@ -76,7 +83,7 @@ CREATE OR REPLACE VIEW balances AS
 CREATE OR REPLACE VIEW daily_account_totals AS
     SELECT l.account_id,
            CAST(timezone(coalesce(a.timezone, 'UTC'), l.occurred_at) AS DATE) AS day,
-           count(*) AS calls,
+           count(DISTINCT l.call_id) AS calls,
            sum(l.charged_s) / 60.0 AS billed_minutes,
            CAST(sum(l.voice_millicredits) AS BIGINT) AS voice_millicredits,  -- sum() is HUGEINT,
            CAST(sum(l.text_millicredits) AS BIGINT) AS text_millicredits,    -- which Parquet holds
@@ -87,7 +94,7 @@ CREATE OR REPLACE VIEW daily_account_totals AS
 CREATE OR REPLACE VIEW daily_number_totals AS
     SELECT l.number, l.account_id,
            CAST(timezone(coalesce(a.timezone, 'UTC'), l.occurred_at) AS DATE) AS day,
-           count(*) AS calls,
+           count(DISTINCT l.call_id) AS calls,
            sum(l.charged_s) / 60.0 AS billed_minutes,
            CAST(sum(l.voice_millicredits) AS BIGINT) AS voice_millicredits,  -- sum() is HUGEINT,
            CAST(sum(l.text_millicredits) AS BIGINT) AS text_millicredits,    -- which Parquet holds
@@ -126,15 +133,16 @@ def outbox(con: duckdb.DuckDBPyConnection, source_event_id: str) -> list[str]:
 
 
 def canonical_export(con: duckdb.DuckDBPyConnection) -> str:
-    """The ledger as sorted JSON lines, for comparing two ledgers byte for byte: every entry
-    (without the running balance, which depends on how two streams interleaved) and every
-    account's final balance (which does not)."""
+    """The ledger as sorted JSON lines, for comparing two ledgers byte for byte: every posting
+    (credits and charges, without the running balance, which depends on how two streams
+    interleaved) and every account's final balance (which does not). Holds are reservations,
+    not postings: a hold granted by request/reply and refused later has no source event."""
     import json
 
     entries = con.execute(
         """SELECT entry_id, kind, account_id, call_id, number, amount_millicredits, charged_s,
                   voice_millicredits, text_millicredits, strftime(occurred_at AT TIME ZONE 'UTC', '%Y-%m-%dT%H:%M:%S.%g')
-           FROM ledger ORDER BY entry_id"""
+           FROM ledger WHERE kind IN ('credited', 'charged') ORDER BY entry_id"""
     ).fetchall()
     balances = con.execute("SELECT account_id, balance_millicredits FROM accounts ORDER BY account_id").fetchall()
     keys = ("entry_id", "kind", "account_id", "call_id", "number", "amount_millicredits", "charged_s",
