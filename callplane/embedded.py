@@ -90,11 +90,11 @@ class ServiceDied(ProcessFailed):
     """A child died after the stack had started."""
 
 
-async def setup_streams(url: str, *, replicas: int = 1) -> topology.SetupReport:
+async def setup_streams(url: str, *, replicas: int = 1, gatekeeper_partitions: int = 1) -> topology.SetupReport:
     """Create or update every stream and consumer on the server at `url`."""
     nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
     try:
-        return await topology.setup(nc.jetstream(), replicas=replicas)
+        return await topology.setup(nc.jetstream(), replicas=replicas, gatekeeper_partitions=gatekeeper_partitions)
     finally:
         await nc.drain()
 
@@ -112,6 +112,7 @@ class Stack:
         env: Mapping[str, str] | None = None,
         nats_url: str | None = None,
         http_port: int = 0,
+        gatekeeper_partitions: int = 1,
     ) -> None:
         """`nats_url`: use a NATS server that is already running instead of starting one.
         `http_port`: the provisioner's admin API (0: any free port)."""
@@ -125,6 +126,7 @@ class Stack:
         self.env = dict(env or {})
         self.external_url = nats_url
         self.http_port = http_port
+        self.gatekeeper_partitions = gatekeeper_partitions
         self.setup_report: topology.SetupReport | None = None
         self._nats: _Child | None = None
         self._children: dict[str, _Child] = {}
@@ -193,7 +195,7 @@ class Stack:
             self.port = self.port or _free_port()
             _refuse_taken_port(self.port)
             self._start_nats()
-        self.setup_report = asyncio.run(setup_streams(self.url))
+        self.setup_report = asyncio.run(setup_streams(self.url, gatekeeper_partitions=self.gatekeeper_partitions))
         env = self._service_env()
         for name in self.services:
             argv = [sys.executable, "-m", f"services.{name}"]
