@@ -46,7 +46,6 @@ import sys
 import tempfile
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -144,6 +143,33 @@ async def publish_offers(js: JetStreamContext, offers: list[tuple[str, bytes, st
 # -- the baseline: raw nats-py -----------------------------------------------------
 
 
+def accept(offer: CallOffered) -> CallAccepted:
+    """The baselines' decision: a call.accepted of the same shape and size as the gatekeeper's."""
+    now = timestamp(datetime.now(UTC))
+    return CallAccepted(
+        event_id=derived_id(offer.event_id, "decision"),
+        occurred_at=now,
+        call_id=offer.call_id,
+        number=offer.number,
+        account_id=ACCOUNT,
+        agent_id=AGENT,
+        dynamic_variables={
+            "system__caller_id": offer.from_,
+            "system__called_number": offer.to,
+            "system__call_sid": offer.call_id,
+            "system__agent_id": AGENT,
+            "system__time_utc": now,
+        },
+        decision=Decision(
+            policy_version=0,
+            checks=(
+                Check(name="registered", passed=True, inputs={"number": offer.number}),
+                Check(name="agent_assigned", passed=True, inputs={"agent_id": AGENT}),
+            ),
+        ),
+    )
+
+
 class Baseline:
     """Consume the gatekeeper durable with nats-py only: decode, accept, publish, ack.
 
@@ -197,29 +223,7 @@ class Baseline:
         if not isinstance(offer, CallOffered):
             await msg.ack()
             return
-        now = timestamp(datetime.now(UTC))
-        reply = CallAccepted(
-            event_id=derived_id(offer.event_id, "decision"),
-            occurred_at=now,
-            call_id=offer.call_id,
-            number=offer.number,
-            account_id=ACCOUNT,
-            agent_id=AGENT,
-            dynamic_variables={
-                "system__caller_id": offer.from_,
-                "system__called_number": offer.to,
-                "system__call_sid": offer.call_id,
-                "system__agent_id": AGENT,
-                "system__time_utc": now,
-            },
-            decision=Decision(
-                policy_version=0,
-                checks=(
-                    Check(name="registered", passed=True, inputs={"number": offer.number}),
-                    Check(name="agent_assigned", passed=True, inputs={"agent_id": AGENT}),
-                ),
-            ),
-        )
+        reply = accept(offer)
         future = await self.js.publish_async(subject_for(reply), encode(reply), headers={"Nats-Msg-Id": reply.event_id})
         self.acks.append((future, msg))
         self.wake.set()
@@ -273,38 +277,77 @@ class Baseline:
             await self._top_up()
 
 
+# -- the consumer runtime alone -----------------------------------------------------
+
+
+class RuntimeBaseline:
+    """`callplane.broker.consume` as services use it (defaults included), with the
+    baselines' handler (`accept`): what the runtime costs over raw nats-py, apart from
+    whatever the gatekeeper's own logic costs."""
+
+    label = "runtime: callplane.broker"
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.broker = None
+
+    async def prepare(self) -> None:
+        from callplane.broker import consume, make_broker
+        from callplane.config import NatsSettings
+
+        self.broker = make_broker(NatsSettings(nats_url=self.url), service="bench")
+        await self.broker.connect()
+        consume(self.broker, topology.consumer(DURABLE), self.handle)
+
+    async def handle(self, event: object, _meta: object) -> list:
+        return [accept(event)] if isinstance(event, CallOffered) else []
+
+    async def start(self) -> None:
+        from callplane.broker import start_consumers
+
+        await start_consumers(self.broker)
+
+    async def stop(self) -> None:
+        from callplane.broker import stop_consumers
+
+        await stop_consumers(self.broker)
+        await self.broker.stop()
+
+
 # -- the gatekeeper as shipped ------------------------------------------------------
 
 
 class ShippedGatekeeper:
-    """`callplane.service.serve` for the gatekeeper, minus the signal handling."""
+    """`callplane.service.serve` for the gatekeeper, minus the signal handling: the same
+    `open_service` (connect, wire, topology check, broker start, GC tuned) before the
+    clock starts, then `Service.start` (the durable consumers) and `Service.stop`."""
 
     label = "gatekeeper (as shipped)"  # bench/whatif.py renames it when it patches the path
 
     def __init__(self, url: str, log_level: str) -> None:
         self.url, self.log_level = url, log_level
-        self.broker = None
-        self.stop_work: Callable[[], Awaitable[None]] | None = None
+        self.service = None
+        self.thresholds = gc.get_threshold()
 
     async def prepare(self) -> None:
-        from callplane.broker import make_broker
+        from callplane.service import open_service
         from services.gatekeeper.app import wire
         from services.gatekeeper.config import GatekeeperSettings
 
         settings = GatekeeperSettings(nats_url=self.url, log_level=self.log_level)
-        self.broker = make_broker(settings, service="gatekeeper")
-        await self.broker.connect()
-        js = self.broker.connection.jetstream()
-        await topology.check(js, tuple(c for c in topology.CONSUMERS if c.service == "gatekeeper"))
-        self.stop_work = await wire(self.broker, js, settings)
+        self.service = await open_service("gatekeeper", settings, wire)
 
     async def start(self) -> None:
-        await self.broker.start()
+        await self.service.start()
 
     async def stop(self) -> None:
-        await self.broker.stop()
-        if self.stop_work is not None:
-            await self.stop_work()
+        try:
+            await self.service.stop()
+        finally:
+            # open_service tuned the GC for good (callplane.service.tune_gc), as a service
+            # does once; this process goes on to measure other consumers: undo it.
+            gc.unfreeze()
+            gc.set_threshold(*self.thresholds)
 
 
 async def register_number(js: JetStreamContext) -> None:
@@ -398,9 +441,11 @@ class Env:
         except (OSError, IndexError, ValueError):
             return float("nan")
 
-    def sut(self, kind: str, batch: int) -> Baseline | ShippedGatekeeper:
+    def sut(self, kind: str, batch: int) -> Baseline | RuntimeBaseline | ShippedGatekeeper:
         if kind == "gatekeeper":
             return ShippedGatekeeper(self.url, self.log_level)
+        if kind == "runtime":
+            return RuntimeBaseline(self.url)
         return Baseline(self.url, kind, batch)
 
 
@@ -956,14 +1001,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--log-level", default="info", help="the gatekeeper's LOG_LEVEL (default info, the service default)"
     )
     parser.add_argument(
-        "--profile", choices=("pull", "fetch", "gatekeeper"), help="cProfile that saturation phase (to stderr)"
+        "--profile", choices=("pull", "fetch", "runtime", "gatekeeper"), help="cProfile that saturation phase (to stderr)"
     )
     parser.add_argument("--profile-out", metavar="FILE", help="with --profile: also dump the raw pstats to FILE")
     parser.add_argument(
         "--consumers",
         type=lambda v: [c for c in v.split(",") if c],
-        default=["pull", "fetch", "gatekeeper"],
-        help="which consumers to measure, comma-separated (default pull,fetch,gatekeeper)",
+        default=["pull", "fetch", "runtime", "gatekeeper"],
+        help="which consumers to measure, comma-separated (default pull,fetch,runtime,gatekeeper)",
     )
     # internal: the latency driver process
     parser.add_argument("--driver", metavar="URL", help=argparse.SUPPRESS)

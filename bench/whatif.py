@@ -1,27 +1,24 @@
-"""What-if runs of bench/admission.py: the same benchmark with one cost of the shipped
-gatekeeper path removed by an in-process monkeypatch, to measure what that cost is.
+"""What-if runs of bench/admission.py: the same benchmark with one setting of the shipped
+path changed by an in-process monkeypatch, to measure what that setting is worth.
 
-Nothing in services/ or callplane/ changes: the patches live in this process only, and
-exist to put a number on each finding in bench/README.md.
+Nothing in services/ or callplane/ changes: the patches live in this process only.
 
     .venv/bin/python bench/whatif.py PATCH[,PATCH...] [admission.py options]
-    .venv/bin/python bench/whatif.py gc-freeze --consumers gatekeeper
+    .venv/bin/python bench/whatif.py gc-threshold=10000 --consumers runtime,gatekeeper
 
 Patches:
-  none           nothing (the shipped path; for a like-for-like comparison)
-  no-thread-hop  fast_depends runs sync dependencies inline instead of in a worker thread
-                 (FastStream resolves the handler's `message: NatsMessage` argument with a
-                 sync `Context.use`, which fast_depends sends to anyio's thread pool)
-  raw-decoder    callplane.broker.consume variant whose decoder returns the nats Msg and whose
-                 handler takes only that (no context-injected `message` argument at all)
-  gc-freeze      gc.collect(); gc.freeze() once the gatekeeper is wired, so the full
-                 collections no longer walk the ~55,000 objects of the imported frameworks
-  no-gc          gc.disable() for the whole run (an upper bound for gc-freeze)
-  no-puback-wait the gatekeeper publishes its decision with publish_async and does not wait
-                 for the PubAck before acking the offer: NOT at-least-once safe, measurement
-                 only (what awaiting one PubAck per decision costs)
-Use --log-level warning (an admission.py option, the service's LOG_LEVEL) for the cost of
-the per-decision INFO line.
+  none             nothing (the shipped path; for a like-for-like comparison)
+  default-gc       callplane.service.open_service leaves the GC alone (no gc.freeze(), the
+                   default thresholds 700, 10, 10): the service before tune_gc
+  no-freeze        open_service sets the thresholds but does not gc.freeze() the start-up heap
+  gc-threshold=N[:M:K]  open_service sets these thresholds instead of GC_THRESHOLDS (M, K
+                   as there when not given)
+  no-gc            gc.disable() for the whole run (an upper bound for the GC settings)
+  batch=N          callplane.broker.consume's default in-flight window (DEFAULT_BATCH)
+
+(The FastStream-era patches of the first version of this script, no-thread-hop,
+raw-decoder and no-puback-wait, measured costs of a path that is gone: see the history
+in bench/README.md.)
 """
 
 from __future__ import annotations
@@ -29,71 +26,38 @@ from __future__ import annotations
 import gc
 import sys
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-PATCHES = ("none", "no-thread-hop", "raw-decoder", "gc-freeze", "no-gc", "no-puback-wait")
+PATCHES = ("none", "default-gc", "no-freeze", "gc-threshold", "no-gc", "batch")
 
 
-def no_thread_hop() -> None:
-    import fast_depends.utils
+def default_gc() -> None:
+    import callplane.service
 
-    async def inline(func, *args, **kwargs):  # noqa: ANN001, ANN202
-        return func(*args, **kwargs)
-
-    fast_depends.utils.run_in_threadpool = inline  # run_async looks it up in this module
+    callplane.service.tune_gc = lambda: None  # open_service looks it up in the module
 
 
-def raw_decoder() -> None:
-    from faststream import AckPolicy
-    from faststream.nats import JStream, NatsMessage, PullSub
+def no_freeze() -> None:
+    import callplane.service
 
-    import services.gatekeeper.app as gatekeeper_app
-    from callplane.broker import deliver
-
-    async def raw_msg(message: NatsMessage) -> Any:
-        return message.raw_message
-
-    def consume(router, spec, handle, *, batch: int = 64) -> None:  # noqa: ANN001
-        @router.subscriber(
-            spec.subjects[0],
-            stream=JStream(spec.stream, declare=False),
-            durable=spec.durable,
-            pull_sub=PullSub(batch_size=batch, timeout=1.0),
-            ack_policy=AckPolicy.MANUAL,
-            decoder=raw_msg,
-            title=f"{spec.service}:{spec.durable}",
-        )
-        async def on_message(msg: Any) -> None:
-            await deliver(msg, handle)
-
-    gatekeeper_app.consume = consume  # wire() calls the name it imported
+    callplane.service.tune_gc = lambda: gc.set_threshold(*callplane.service.GC_THRESHOLDS)
 
 
-def no_puback_wait() -> None:
-    import services.gatekeeper.app as gatekeeper_app
-    from schemas import encode, subject_for
+def gc_threshold(value: str) -> None:
+    import callplane.service
 
-    async def publish(js, event):  # noqa: ANN001, ANN202
-        return await js.publish_async(subject_for(event), encode(event), headers={"Nats-Msg-Id": event.event_id})
-
-    gatekeeper_app.publish = publish
+    given = [int(v) for v in value.split(":")]
+    callplane.service.GC_THRESHOLDS = (*given, *callplane.service.GC_THRESHOLDS[len(given):])
 
 
-def gc_freeze() -> None:
-    from bench import admission
+def batch(value: str) -> None:
+    import callplane.broker
 
-    prepare = admission.ShippedGatekeeper.prepare
-
-    async def prepare_then_freeze(self) -> None:  # noqa: ANN001
-        await prepare(self)
-        gc.collect()
-        gc.freeze()
-
-    admission.ShippedGatekeeper.prepare = prepare_then_freeze
+    callplane.broker.DEFAULT_BATCH = int(value)
+    callplane.broker.consume.__kwdefaults__["batch"] = int(value)
 
 
 def main() -> None:
@@ -102,21 +66,23 @@ def main() -> None:
         sys.exit(2)
     chosen = sys.argv.pop(1).split(",")
     for patch in chosen:
-        if patch not in PATCHES:
-            sys.exit(f"unknown patch {patch!r}: one of {', '.join(PATCHES)}")
-    if "no-thread-hop" in chosen:
-        no_thread_hop()
-    if "raw-decoder" in chosen:
-        raw_decoder()
-    if "no-puback-wait" in chosen:
-        no_puback_wait()
-    if "gc-freeze" in chosen:
-        gc_freeze()
-    if "no-gc" in chosen:
-        gc.disable()
+        name, _, value = patch.partition("=")
+        if name not in PATCHES or (name in ("gc-threshold", "batch")) != bool(value):
+            sys.exit(f"unknown patch {patch!r}: one of {', '.join(PATCHES)} (gc-threshold=N[:M:K], batch=N)")
+        if name == "default-gc":
+            default_gc()
+        elif name == "no-freeze":
+            no_freeze()
+        elif name == "gc-threshold":
+            gc_threshold(value)
+        elif name == "no-gc":
+            gc.disable()
+        elif name == "batch":
+            batch(value)
     from bench import admission
 
     admission.ShippedGatekeeper.label = f"gatekeeper + {'+'.join(chosen)}"
+    admission.RuntimeBaseline.label = f"runtime + {'+'.join(chosen)}"
     print(f"what-if: {','.join(chosen)} (monkeypatched in this process only)", file=sys.stderr)
     admission.main()
 

@@ -1,30 +1,86 @@
 """The broker factory and the one way services consume and publish events.
 
+FastStream (`make_broker`) keeps the connection and the request/reply subscribers.
+Durable consumers are read with nats-py directly: FastStream's per-message pipeline
+cost ~10x the CPU of the work itself (bench/README.md). `consume()` registers a
+`Consumer` on the broker; `start_consumers(broker)` starts them once the broker is
+connected and `stop_consumers(broker)` drains them before `broker.stop()`
+(`callplane.service` does both).
+
+How a consumer reads: a continuous pull on the durable declared by `callplane nats
+setup`. Pull requests ($JS.API.CONSUMER.MSG.NEXT) are answered on one inbox and ask
+for no more than the window has room for, topped up when half of it is free; they
+expire after PULL_EXPIRES_S and carry an idle heartbeat, so a request lost to a
+reconnect or a consumer leader change is noticed (reconnect counter, missing
+heartbeats, 408/409/503 statuses) and pulled again.
+
+The window: at most `batch` messages in flight (delivered, not yet settled), and fewer
+when handlers keep the event loop busy: the time each message's handling kept the loop
+busy is measured (a moving average), and the window holds no more than ACK_WAIT_SHARE
+of the durable's ack wait worth of it. A slow synchronous handler (a database write)
+thus never leaves delivered messages queued behind it until JetStream redelivers them;
+a handler that awaits I/O does not shrink the window.
+
+Ordering and concurrency, which handlers may rely on:
+
+    - Messages are decoded and their handlers STARTED in the order they are delivered,
+      which is stream order for first deliveries (a redelivered message comes back
+      whenever JetStream redelivers it). Each message gets a task, created in delivery
+      order; asyncio runs each task until its first await in creation order, so what a
+      handler does before its first await (e.g. the gatekeeper taking a slot) happens
+      before the next message's handler starts.
+    - After their first await, handlers of the messages in the window run concurrently
+      (a message whose handler awaits does not hold up the next ones). An event of the
+      same call may thus be handled while an earlier one's handler is still awaiting.
+    - A handler returns the events it produced. They are published in order, pipelined
+      (Nats-Msg-Id = event_id; each PubAck comes back on a reply subject of the
+      consumer's own), and the input is acked only once JetStream acknowledged every one
+      of them.
+    - structlog's contextvars `event_id` and `call_id` are bound in the message's task
+      (its own copy of the context): every line the handler logs carries them.
+
 Acknowledgement policy, chosen on purpose (FastStream's NATS default TERMs a message
 on any exception, i.e. drops it):
 
-    decoded and handled         -> its output events published, then ack
+    decoded and handled         -> its output events published, then ack once every
+                                   PubAck arrived
     undecodable, or breaks the contract (bad JSON, unknown type, wrong subject)
                                 -> copied to dlq.<subject> with reason headers, then ack
     handler raised              -> nak with backoff, up to topology.MAX_DELIVER times;
                                    on the last delivery copied to the DLQ, then ack
+    an output not stored (error, no stream, no PubAck within PUBACK_TIMEOUT_S)
+                                -> never acked: nak with backoff and handled again (the
+                                   outputs' ids are deterministic, so JetStream drops
+                                   the copies already stored); on the last delivery
+                                   copied to the DLQ, then ack
+    the DLQ copy itself failed  -> nak with backoff (tried again)
 
 So a poison message never loops and never stops the consumer, and nothing is lost.
+A message in flight for longer than half the durable's ack wait gets a +WPI (work in
+progress) so JetStream does not redeliver it while its handler is still busy.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import types
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from time import perf_counter
 
+import msgspec
 import nats.errors
+import nats.js.errors
 import structlog
 from fast_depends.msgspec import MsgSpecSerializer
-from faststream import AckPolicy
-from faststream.nats import JStream, NatsBroker, NatsMessage, NatsRouter, PullSub
+from faststream.nats import NatsBroker, NatsRouter
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
+from nats.js.errors import NotFoundError
 
 from schemas import AnyEvent, DecodeError, Event, decode, dlq, encode, subject_for
 
@@ -44,6 +100,18 @@ DLQ_SUBJECT = "Callplane-Original-Subject"
 DLQ_STREAM = "Callplane-Original-Stream"
 DLQ_SEQUENCE = "Callplane-Original-Sequence"
 
+# The most messages in flight per consumer (delivered, not yet settled) unless consume()
+# says otherwise; the window is smaller when handlers are slow (see the module docstring).
+DEFAULT_BATCH = 256
+INITIAL_WINDOW = 16  # messages in flight until the handler's cost has been measured
+ACK_WAIT_SHARE = 0.25  # a full window of handler time stays under this share of the ack wait
+COST_SMOOTHING = 0.1  # weight of the newest message in the moving average of handler time
+PULL_EXPIRES_S = 30.0  # a pull request's life; an expired one is replaced
+PULL_HEARTBEAT_S = 5.0  # idle heartbeat of a pull request; two missed ones: pull again
+PULL_RETRY_S = 1.0  # pause before pulling again when the durable refused a request
+PUBACK_TIMEOUT_S = 5.0  # an output whose PubAck has not come by then counts as not stored
+STOP_TIMEOUT_S = 30.0  # how long stop_consumers waits for handlers in flight
+
 
 class ContractError(ValueError):
     """A message decoded but does not belong where it was published."""
@@ -51,7 +119,6 @@ class ContractError(ValueError):
 
 def make_broker(settings: NatsSettings, *, service: str) -> NatsBroker:
     """A FastStream NATS broker with msgspec bodies and structlog doing the logging."""
-    guard_fetch_timeouts()
     return NatsBroker(
         settings.nats_url.split(","),
         name=f"callplane-{service}",
@@ -61,58 +128,477 @@ def make_broker(settings: NatsSettings, *, service: str) -> NatsBroker:
     )
 
 
-def consume(router: NatsRouter | NatsBroker, spec: topology.ConsumerSpec, handle: Handler, *, batch: int = 64) -> None:
-    """Feed every event of a durable consumer (declared by `callplane nats setup`) to `handle`."""
+# -- registration and life cycle ------------------------------------------------------
 
-    @router.subscriber(
-        spec.subjects[0],  # informational: binding an existing durable keeps its own filters
-        stream=JStream(spec.stream, declare=False),
-        durable=spec.durable,
-        pull_sub=PullSub(batch_size=batch, timeout=1.0),
-        ack_policy=AckPolicy.MANUAL,
-        decoder=_raw_body,
-        title=f"{spec.service}:{spec.durable}",
-    )
-    async def on_message(body: bytes, message: NatsMessage) -> None:
-        await deliver(message.raw_message, handle)
+_registered: weakref.WeakKeyDictionary[object, list[Consumer]] = weakref.WeakKeyDictionary()
 
 
-async def _raw_body(message: NatsMessage) -> bytes:
-    return message.body
+def consume(
+    router: NatsRouter | NatsBroker, spec: topology.ConsumerSpec, handle: Handler, *, batch: int = DEFAULT_BATCH
+) -> Consumer:
+    """Feed every event of a durable consumer (declared by `callplane nats setup`) to `handle`.
+
+    Registers the consumer on `router` (a broker, or a router included in one); it runs
+    between `start_consumers(broker)` and `stop_consumers(broker)`.
+    """
+    consumer = Consumer(spec, handle, batch=batch)
+    _registered.setdefault(router, []).append(consumer)
+    return consumer
 
 
-async def deliver(msg: Msg, handle: Handler) -> None:
-    """Decode, check, hand to `handle`, and settle the message by the policy above."""
-    meta = msg.metadata
-    try:
-        event = decode(msg.data)
-        if (expected := subject_for(event)) != msg.subject:
-            raise ContractError(f"{event.__struct_config__.tag} belongs on {expected}, not {msg.subject}")
-    except (*DecodeError, ContractError) as exc:
-        await dead_letter(msg, f"undecodable: {exc}")
-        return
-    call_id = getattr(event, "call_id", None)
-    with structlog.contextvars.bound_contextvars(event_id=event.event_id, call_id=call_id):
-        try:
-            produced = await handle(event, meta)
-            if produced:
-                await publish_all(msg._client.jetstream(), produced)
-        except Exception as exc:  # noqa: BLE001 - the ack policy above is the handler of last resort
-            if meta.num_delivered >= topology.MAX_DELIVER:
-                log.error("handler_failed_dead_lettered", subject=msg.subject, exc_info=exc)
-                await dead_letter(msg, f"handler_failed after {meta.num_delivered} deliveries: {exc!r}")
-            else:
-                delay = topology.BACKOFF_S[min(meta.num_delivered, len(topology.BACKOFF_S)) - 1]
-                log.warning("handler_failed_will_retry", subject=msg.subject, delay_s=delay, exc_info=exc)
-                await msg.nak(delay=delay)
+def consumers(broker: NatsRouter | NatsBroker) -> list[Consumer]:
+    """The consumers registered on `broker` and on the routers included in it."""
+    found = list(_registered.get(broker, ()))
+    for router in getattr(broker, "routers", ()):
+        found += consumers(router)
+    return found
+
+
+async def start_consumers(broker: NatsBroker) -> None:
+    """Start every consumer registered on `broker` (connecting it if needed)."""
+    connection = await broker.connect()
+    for consumer in consumers(broker):
+        await consumer.start(connection)
+
+
+async def stop_consumers(broker: NatsBroker, timeout: float = STOP_TIMEOUT_S) -> None:
+    """Stop pulling, wait for the handlers in flight to publish and ack, then return.
+
+    Call it before `broker.stop()`, which closes the connection they publish on.
+    """
+    await asyncio.gather(*(consumer.stop(timeout) for consumer in consumers(broker)))
+
+
+# -- the consumer ---------------------------------------------------------------------
+
+
+class _Work:
+    """One delivered message until it is settled (acked, nak'd or dead-lettered)."""
+
+    __slots__ = ("msg", "received", "progressed", "published", "pending", "tokens", "settled")
+
+    def __init__(self, msg: Msg, now: float) -> None:
+        self.msg = msg
+        self.received = self.progressed = now
+        self.published = 0.0  # when its outputs were sent (0: not yet)
+        self.pending = 0  # outputs whose PubAck has not arrived
+        self.tokens: list[str] = []  # the reply subjects of its outputs' PubAcks
+        self.settled = False  # its fate is decided: ack, nak or DLQ under way or done
+
+
+class _PubAck(msgspec.Struct):
+    """What a PubAck says, as far as the runtime cares (stored, or the error)."""
+
+    stream: str = ""
+    seq: int = 0
+    duplicate: bool = False
+    error: dict | None = None
+
+
+_decode_puback = msgspec.json.Decoder(_PubAck).decode
+
+
+class Consumer:
+    """A continuous pull on one durable, feeding `handle` (see the module docstring)."""
+
+    def __init__(self, spec: topology.ConsumerSpec, handle: Handler, *, batch: int = DEFAULT_BATCH) -> None:
+        if batch < 1:
+            raise ValueError("batch must be at least 1")
+        self.spec = spec
+        self.handle = handle
+        self.batch = batch
+        # A partitioned stream files events under extra leading tokens (topology.ConsumerSpec.strip_tokens).
+        self._strip = getattr(spec, "strip_tokens", 0)
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._sub = None  # deliveries (the pull requests' inbox)
+        self._ack_sub = None  # PubAcks of the outputs
+        self._inbox = ""
+        self._ack_prefix = ""
+        self._seq = 0
+        self._next = f"$JS.API.CONSUMER.MSG.NEXT.{spec.stream}.{spec.durable}"
+        self._runner: asyncio.Task | None = None
+        self._inflight: set[_Work] = set()
+        self._tasks: set[asyncio.Task] = set()
+        self._acks: dict[str, _Work] = {}  # PubAck reply subject -> the input it settles
+        self._requested = 0  # messages asked for and not yet delivered (nor expired)
+        self._room = asyncio.Event()  # a message was settled: room for one more
+        self._wake = asyncio.Event()  # the runner has something to do
+        self._idle = asyncio.Event()  # stopping, and nothing is in flight any more
+        self._stopping = False
+        self._heard = 0.0  # last time the server said anything on the inbox
+        self._pull_after = 0.0  # no pull request before this time (after a refusal)
+        self._unavailable = False  # the durable refused a request (deleted, not found)
+        self._reconnects = 0
+        self._progress_after = 0.5  # +WPI after half the durable's ack wait (set at start)
+        # The window: messages in flight at most, at most `batch`, sized so that a full window
+        # of handler time (`_cost` each, measured) stays within `_budget` (a share of the ack wait).
+        self._window = min(batch, INITIAL_WINDOW)
+        self._cost = 0.0
+        self._budget = 0.25
+        self._time: Callable[[], float] = lambda: 0.0  # the event loop's clock, set at start
+
+    @property
+    def running(self) -> bool:
+        return self._runner is not None and not self._runner.done()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
+    async def start(self, nc: Client) -> None:
+        if self._runner is not None:
             return
-    await msg.ack()
+        loop = asyncio.get_running_loop()
+        self._time = loop.time
+        self._nc = nc
+        self._js = nc.jetstream()
+        try:
+            info = await self._js.consumer_info(self.spec.stream, self.spec.durable)
+        except NotFoundError:
+            raise RuntimeError(
+                f"consumer {self.spec.stream}/{self.spec.durable} does not exist: run `callplane nats setup` first"
+            ) from None
+        first_wait = (info.config.backoff or [info.config.ack_wait or 30.0])[0]
+        self._progress_after = max(0.05, first_wait / 2)
+        self._budget = first_wait * ACK_WAIT_SHARE
+        self._stopping = False
+        self._idle.clear()
+        self._requested = 0
+        self._heard = self._time()
+        self._reconnects = nc.stats["reconnects"]
+        self._ack_prefix = nc.new_inbox() + "."
+        self._ack_sub = await nc.subscribe(self._ack_prefix + "*", cb=self._on_puback)
+        self._inbox = nc.new_inbox()
+        self._sub = await nc.subscribe(self._inbox, cb=self._on_message)
+        self._runner = loop.create_task(self._run(), name=f"consume:{self.spec.durable}")
+        log.info("consumer_started", stream=self.spec.stream, durable=self.spec.durable, batch=self.batch)
+
+    async def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        if self._runner is None:
+            return
+        self._stopping = True
+        deadline = self._time() + timeout
+        usable = not (self._nc.is_closed or self._nc.is_draining)
+        # No more deliveries: what is already queued in the inbox is nak'd (redelivered at once).
+        if usable:
+            try:
+                await asyncio.wait_for(self._sub.drain(), timeout)
+            except Exception as exc:  # noqa: BLE001 - shutting down: log and go on
+                log.warning("consumer_drain_failed", durable=self.spec.durable, error=repr(exc))
+        # Messages in flight finish: outputs published, PubAcks in, inputs acked (the runner
+        # still times out late PubAcks), unless the connection is gone already.
+        if self._inflight and usable:
+            self._idle.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - self._time()))
+        if self._inflight:
+            log.warning("consumer_stop_timed_out", durable=self.spec.durable, in_flight=len(self._inflight))
+            for task in list(self._tasks):
+                task.cancel()  # not acked: JetStream redelivers them
+            if self._tasks:
+                await asyncio.wait(list(self._tasks), timeout=1.0)
+            self._inflight.clear()
+            self._acks.clear()
+        self._runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._runner
+        if usable:
+            with contextlib.suppress(Exception):
+                await self._ack_sub.unsubscribe()
+        self._runner = self._sub = self._ack_sub = None
+        log.info("consumer_stopped", durable=self.spec.durable)
+
+    # -- deliveries (the inbox subscription's callback: one message at a time, in order)
+
+    async def _on_message(self, msg: Msg) -> None:
+        self._heard = self._time()
+        if not msg.reply:  # a status about our pull requests, not a stream message
+            self._on_status(msg)
+            return
+        self._requested -= 1
+        if self._unavailable:
+            self._unavailable = False
+            log.info("consumer_available", stream=self.spec.stream, durable=self.spec.durable)
+        try:
+            while len(self._inflight) >= self._window and not self._stopping:  # over-delivered: wait for room
+                self._room.clear()
+                await self._room.wait()
+            if self._stopping:
+                await msg.nak()
+                return
+            work = _Work(msg, self._time())
+            self._inflight.add(work)
+            # One task per message, created in delivery order: asyncio runs each until its
+            # first await in creation order (the start-order guarantee of the module docstring).
+            task = asyncio.get_running_loop().create_task(_timed(self._process(work), self._measured))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - never let one message stop the subscription
+            log.error("consumer_delivery_failed", durable=self.spec.durable, exc_info=exc)
+
+    def _on_status(self, msg: Msg) -> None:
+        headers = msg.headers or {}
+        status = headers.get("Status")
+        if status == "100":  # idle heartbeat: the requests are alive
+            return
+        pending = headers.get("Nats-Pending-Messages")
+        if status in ("408", "409") and pending is not None:
+            self._requested = max(0, self._requested - int(pending))  # the unfilled part of an ended request
+        else:
+            # No count (409 Consumer Deleted, 503 no such consumer, ...): every request is
+            # void; pull again after a pause, so a missing durable is not hammered.
+            self._requested = 0
+            self._pull_after = self._time() + PULL_RETRY_S
+            if not self._unavailable:
+                self._unavailable = True
+                log.warning(
+                    "consumer_unavailable",
+                    stream=self.spec.stream,
+                    durable=self.spec.durable,
+                    status=status,
+                    reason=headers.get("Description", "").strip(),
+                )
+        self._wake.set()
+
+    # -- one message --------------------------------------------------------------------
+
+    async def _process(self, work: _Work) -> None:
+        """Decode, check, hand to the handler, publish what it returned (its PubAcks settle
+        the message in `_on_puback`), or settle it here by the ack policy."""
+        msg = work.msg
+        try:
+            meta = msg.metadata
+            try:
+                event = decode(msg.data)
+                subject = msg.subject if not self._strip else msg.subject.split(".", self._strip)[-1]
+                if (expected := subject_for(event)) != subject:
+                    raise ContractError(f"{event.__struct_config__.tag} belongs on {expected}, not {subject}")
+            except (*DecodeError, ContractError) as exc:
+                await self._dead_letter(work, meta, f"undecodable: {exc}")
+                return
+            # This task's own context (a copy made when it was created): bound for this
+            # message only, and for whatever the handler starts.
+            structlog.contextvars.bind_contextvars(event_id=event.event_id, call_id=getattr(event, "call_id", None))
+            try:
+                produced = await self.handle(event, meta)
+            except Exception as exc:  # noqa: BLE001 - the ack policy is the handler of last resort
+                await self._retry_or_dead_letter(work, meta, "handler_failed", exc)
+                return
+            if not produced:
+                work.settled = True
+                self._release(work)
+                await msg.ack()
+                return
+            try:
+                await self._publish(work, produced)
+            except Exception as exc:  # noqa: BLE001 - outputs not stored: never ack the input
+                self._forget_pubacks(work)
+                await self._retry_or_dead_letter(work, meta, "publish_failed", exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - e.g. the connection closed under an ack: redelivered later
+            log.warning("consumer_settle_failed", durable=self.spec.durable, subject=msg.subject, error=repr(exc))
+            self._forget_pubacks(work)
+            self._release(work)
+
+    async def _publish(self, work: _Work, events: Sequence[Event]) -> None:
+        """Send the outputs in order, each with a reply subject of ours on which its PubAck
+        comes back (`_on_puback`); the input is acked when all of them came back stored."""
+        events = list(events)
+        work.pending = len(events)  # all of them, before a PubAck can arrive
+        work.published = self._time()
+        for event in events:
+            self._seq += 1
+            reply = f"{self._ack_prefix}{self._seq}"
+            self._acks[reply] = work
+            work.tokens.append(reply)
+            await self._nc.publish(subject_for(event), encode(event), reply=reply, headers={"Nats-Msg-Id": event.event_id})
+
+    async def _on_puback(self, msg: Msg) -> None:
+        work = self._acks.pop(msg.subject, None)
+        if work is None or work.settled:
+            return  # late: the input was settled already (a failure or a timeout)
+        error: Exception | None = None
+        if msg.headers and msg.headers.get("Status") == "503":
+            error = nats.js.errors.NoStreamResponseError()
+        else:
+            try:
+                answer = _decode_puback(msg.data)
+                if answer.error is not None:
+                    error = nats.js.errors.APIError.from_error(answer.error)
+            except msgspec.DecodeError as exc:
+                error = exc
+        if error is not None:
+            self._publish_failed(work, error)
+            return
+        work.pending -= 1
+        if work.pending == 0:
+            work.settled = True
+            self._release(work)
+            try:
+                await work.msg.ack()
+            except Exception as exc:  # noqa: BLE001 - not acked: JetStream redelivers it, the outputs dedupe
+                log.warning("consumer_ack_failed", durable=self.spec.durable, error=repr(exc))
+
+    def _publish_failed(self, work: _Work, error: BaseException) -> None:
+        """An output was not stored: settle the input by the policy, in a task of its own
+        (a dead-letter waits for its own PubAck)."""
+        self._forget_pubacks(work)
+        task = asyncio.get_running_loop().create_task(
+            self._retry_or_dead_letter(work, work.msg.metadata, "publish_failed", error)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _measured(self, busy: float) -> None:
+        """A message's handling kept the event loop busy `busy` seconds: adjust the window."""
+        self._cost = busy if not self._cost else self._cost + COST_SMOOTHING * (busy - self._cost)
+        self._window = max(1, min(self.batch, int(self._budget / max(self._cost, 1e-6))))
+
+    def _forget_pubacks(self, work: _Work) -> None:
+        for token in work.tokens:
+            self._acks.pop(token, None)
+
+    def _release(self, work: _Work) -> None:
+        """The message left the process's hands: room for another."""
+        self._inflight.discard(work)
+        self._room.set()
+        if self._stopping:
+            if not self._inflight:
+                self._idle.set()
+        elif self._wants_pull():
+            self._wake.set()
+
+    async def _retry_or_dead_letter(self, work: _Work, meta: Msg.Metadata, what: str, exc: BaseException) -> None:
+        work.settled = True
+        msg = work.msg
+        try:
+            if meta.num_delivered >= topology.MAX_DELIVER:
+                log.error(f"{what}_dead_lettered", subject=msg.subject, exc_info=exc)
+                await self._dead_letter(work, meta, f"{what} after {meta.num_delivered} deliveries: {exc!r}")
+            else:
+                delay = _backoff(meta.num_delivered)
+                log.warning(f"{what}_will_retry", subject=msg.subject, delay_s=delay, exc_info=exc)
+                await msg.nak(delay=delay)
+        finally:
+            self._release(work)
+
+    async def _dead_letter(self, work: _Work, meta: Msg.Metadata, reason: str) -> None:
+        work.settled = True
+        msg = work.msg
+        try:
+            await dead_letter(msg, reason, js=self._js)
+        except Exception as exc:  # noqa: BLE001 - the DLQ is unavailable: try again later
+            log.error("dead_letter_failed", subject=msg.subject, origin=f"{meta.stream}:{meta.sequence.stream}", exc_info=exc)
+            await msg.nak(delay=_backoff(meta.num_delivered))
+        finally:
+            self._release(work)
+
+    # -- the runner: pull requests, their health, late PubAcks, work in progress -------
+
+    def _wants_pull(self) -> bool:
+        free = self._window - len(self._inflight) - self._requested
+        return free > 0 and (self._requested <= 0 or free >= self._window // 2) and not self._stopping
+
+    async def _run(self) -> None:
+        tick = min(self._progress_after, PULL_HEARTBEAT_S) / 2
+        while True:
+            self._wake.clear()
+            try:
+                if self._nc.is_closed:
+                    log.warning("consumer_connection_closed", durable=self.spec.durable)
+                    return
+                now = self._time()
+                self._check_requests(now)
+                if self._wants_pull() and self._nc.is_connected and now >= self._pull_after:
+                    await self._pull()
+                await self._sweep(now)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - e.g. a reconnect in progress: try again shortly
+                log.warning("consumer_pull_failed", durable=self.spec.durable, error=repr(exc))
+                self._wake.clear()
+                await asyncio.sleep(min(1.0, tick * 2))
+            try:
+                await asyncio.wait_for(self._wake.wait(), tick)
+            except (nats.errors.TimeoutError, TimeoutError):
+                pass
+
+    def _check_requests(self, now: float) -> None:
+        reconnects = self._nc.stats["reconnects"]
+        if reconnects != self._reconnects:
+            self._reconnects = reconnects
+            log.info("consumer_reconnected_pulling_again", durable=self.spec.durable)
+            self._requested = 0
+        elif self._requested > 0 and now - self._heard > 2 * PULL_HEARTBEAT_S + 1:
+            log.warning("pull_requests_lost", durable=self.spec.durable, requested=self._requested)
+            self._requested = 0
+            self._heard = now
+
+    async def _pull(self) -> None:
+        want = self._window - len(self._inflight) - self._requested
+        request = {
+            "batch": want,
+            "expires": int(PULL_EXPIRES_S * 1e9),
+            "idle_heartbeat": int(PULL_HEARTBEAT_S * 1e9),
+        }
+        await self._nc.publish(self._next, json.dumps(request).encode(), reply=self._inbox)
+        if self._requested <= 0:
+            self._heard = self._time()  # the heartbeat clock starts with the first request
+        self._requested += want
+
+    async def _sweep(self, now: float) -> None:
+        """Late PubAcks count as failed publishes; long-running messages get a +WPI."""
+        for work in list(self._inflight):
+            if work.settled:
+                continue
+            if work.published and now - work.published > PUBACK_TIMEOUT_S:
+                self._publish_failed(work, nats.errors.TimeoutError(f"no PubAck within {PUBACK_TIMEOUT_S:g} s"))
+            elif now - work.progressed > self._progress_after:
+                work.progressed = now
+                with contextlib.suppress(Exception):
+                    await work.msg.in_progress()
 
 
-async def dead_letter(msg: Msg, reason: str) -> None:
+@types.coroutine
+def _timed(coro: Awaitable, report: Callable[[float], None]):  # noqa: ANN202 - a generator-based coroutine
+    """Run `coro` as `yield from` would, and report how long its steps kept the event loop
+    busy (the time it spent waiting for something else does not count)."""
+    busy = 0.0
+    send, throw = coro.send, coro.throw
+    value: object = None
+    error: BaseException | None = None
+    try:
+        while True:
+            started = perf_counter()
+            try:
+                yielded = send(value) if error is None else throw(error)
+            except StopIteration as stop:
+                busy += perf_counter() - started
+                return stop.value
+            busy += perf_counter() - started
+            try:
+                value, error = (yield yielded), None
+            except BaseException as exc:  # noqa: BLE001 - cancellation and the like: the coroutine's to handle
+                value, error = None, exc
+    finally:
+        report(busy)
+
+
+def _backoff(num_delivered: int) -> float:
+    return topology.BACKOFF_S[min(max(num_delivered, 1), len(topology.BACKOFF_S)) - 1]
+
+
+# -- publishing -------------------------------------------------------------------------
+
+
+async def dead_letter(msg: Msg, reason: str, *, js: JetStreamContext | None = None) -> None:
     """Copy a message to dlq.<subject> with headers naming why and where from, then ack it."""
     meta = msg.metadata
-    js = msg._client.jetstream()
+    js = js or msg._client.jetstream()
     origin = f"{meta.stream}:{meta.sequence.stream}"
     await js.publish(
         dlq(msg.subject),
@@ -134,37 +620,16 @@ async def publish(js: JetStreamContext, event: Event) -> PubAck:
     return await js.publish(subject_for(event), encode(event), headers={"Nats-Msg-Id": event.event_id})
 
 
-async def publish_all(js: JetStreamContext, events: Iterable[Event]) -> list[PubAck]:
-    """Publish several events with pipelined acks (much faster than one at a time), in order."""
-    futures = [
-        await js.publish_async(subject_for(e), encode(e), headers={"Nats-Msg-Id": e.event_id}) for e in events
-    ]
-    return list(await asyncio.gather(*futures))
+async def publish_all(js: JetStreamContext, events: Iterable[Event], timeout: float = PUBACK_TIMEOUT_S) -> list[PubAck]:
+    """Publish several events with pipelined acks (much faster than one at a time), in order.
 
-
-_guarded = False
-
-
-def guard_fetch_timeouts() -> None:
-    """Make nats-py's pull fetch raise only nats.errors.TimeoutError on a timeout.
-
-    nats-py sometimes raises the builtin TimeoutError (from asyncio) when little of
-    the fetch timeout remains. FastStream 0.7.8's pull loop suppresses only the
-    nats.errors subclass, so the builtin one crashes its consume task, which
-    restarts and drops the batch in flight until ack_wait redelivers it.
-    """
-    global _guarded
-    if _guarded:
-        return
-    original = JetStreamContext.PullSubscription.fetch
-
-    async def fetch(self: JetStreamContext.PullSubscription, *args: object, **kwargs: object) -> list[Msg]:
-        try:
-            return await original(self, *args, **kwargs)
-        except nats.errors.TimeoutError:
-            raise
-        except TimeoutError as exc:
-            raise nats.errors.TimeoutError from exc
-
-    JetStreamContext.PullSubscription.fetch = fetch  # type: ignore[method-assign]
-    _guarded = True
+    Raises if any of them is not stored (an error, or no PubAck within `timeout`)."""
+    futures = []
+    try:
+        for e in events:
+            futures.append(await js.publish_async(subject_for(e), encode(e), headers={"Nats-Msg-Id": e.event_id}))
+        return list(await asyncio.wait_for(asyncio.gather(*futures), timeout))
+    finally:
+        for future in futures:
+            if not future.done():
+                future.cancel()

@@ -1,51 +1,106 @@
 """The consumer runtime against a real nats-server: dead-lettering, the ack policy,
-Nats-Msg-Id on every publish, and the fetch-timeout guard."""
+outputs published before the input is acked, start order under concurrency, draining
+on stop, surviving pull-loop errors and reconnects, and Nats-Msg-Id on every publish."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import random
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import nats.errors
 import pytest
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from callplane import broker as runtime
 from callplane import topology
-from callplane.broker import DLQ_REASON, DLQ_SEQUENCE, DLQ_SUBJECT, consume, make_broker, publish
+from callplane.broker import (
+    DLQ_REASON,
+    DLQ_SEQUENCE,
+    DLQ_SUBJECT,
+    consume,
+    consumers,
+    make_broker,
+    publish,
+    start_consumers,
+    stop_consumers,
+)
 from callplane.config import NatsSettings
-from schemas import AnyEvent, CallOffered, timestamp
+from schemas import AnyEvent, CallAccepted, CallAnswered, CallOffered, Event, FraudAlert, encode, timestamp
 
 NUMBER = "+48123456789"
 SUBJECT = "call.offered.48123456789"
 
 
+def now() -> str:
+    return timestamp(datetime.now(UTC))
+
+
 def offer(event_id: str, call_id: str = "call_1") -> CallOffered:
-    return CallOffered(
-        event_id=event_id, occurred_at=timestamp(datetime.now(UTC)), call_id=call_id, to=NUMBER, from_="+15551234567"
+    return CallOffered(event_id=event_id, occurred_at=now(), call_id=call_id, to=NUMBER, from_="+15551234567")
+
+
+def accepted(source: CallOffered) -> CallAccepted:
+    return CallAccepted(
+        event_id=f"{source.event_id}/decision",
+        occurred_at=now(),
+        call_id=source.call_id,
+        number=NUMBER,
+        account_id="acct_1",
+        agent_id="agent_1",
+    )
+
+
+def answered(source: CallOffered) -> CallAnswered:
+    return CallAnswered(event_id=f"{source.event_id}/answered", occurred_at=now(), call_id=source.call_id, number=NUMBER)
+
+
+def alert(source: CallOffered) -> FraudAlert:
+    return FraudAlert(
+        event_id=f"{source.event_id}/alert",
+        occurred_at=now(),
+        number=NUMBER,
+        rule="test",
+        count=1,
+        threshold=1,
+        window_s=60,
+        first_at=source.occurred_at,
+        last_at=source.occurred_at,
     )
 
 
 class Recorder:
-    def __init__(self, fail_on: set[str] = frozenset()) -> None:
+    def __init__(self, fail_on: set[str] = frozenset(), produce=None) -> None:  # noqa: ANN001
         self.seen: list[AnyEvent] = []
         self.attempts: dict[str, int] = {}
         self.fail_on = fail_on
-        self.arrived = asyncio.Event()
+        self.produce = produce or (lambda _event: [])
 
-    async def __call__(self, event: AnyEvent, _meta: object) -> None:
+    async def __call__(self, event: AnyEvent, _meta: Msg.Metadata) -> list[Event]:
         self.attempts[event.event_id] = self.attempts.get(event.event_id, 0) + 1
         if event.event_id in self.fail_on:
             raise RuntimeError("handler bug")
         self.seen.append(event)
-        self.arrived.set()
-        return []
+        return self.produce(event)
 
 
-async def running(nats_url: str, handler: Recorder):
+@contextlib.asynccontextmanager
+async def running(nats_url: str, handler, *, batch: int = 8) -> AsyncIterator:  # noqa: ANN001
+    """A broker with one consumer on the `fraud` durable (CALLS, call.offered.*), started
+    and stopped as callplane.service does."""
     broker = make_broker(NatsSettings(nats_url=nats_url), service="fraud")
-    consume(broker, topology.consumer("fraud"), handler, batch=8)
+    consume(broker, topology.consumer("fraud"), handler, batch=batch)
     await broker.start()
-    return broker
+    await start_consumers(broker)
+    try:
+        yield broker
+    finally:
+        await stop_consumers(broker)
+        await broker.stop()
 
 
 async def dlq_messages(js: JetStreamContext, expected: int, timeout: float = 10.0) -> list:
@@ -61,10 +116,36 @@ async def dlq_messages(js: JetStreamContext, expected: int, timeout: float = 10.
     return found
 
 
+async def stored(js: JetStreamContext, stream: str, subjects: list[str]) -> list[Msg]:
+    """Every message of `stream` on `subjects`, in stream order."""
+    config = ConsumerConfig(filter_subjects=subjects, ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL)
+    sub = await js.pull_subscribe(subjects[0], stream=stream, config=config)
+    found: list[Msg] = []
+    with contextlib.suppress(nats.errors.TimeoutError):
+        while True:
+            batch = await sub.fetch(100, timeout=0.5)
+            found += batch
+            if batch[-1].metadata.num_pending == 0:
+                break
+    await sub.unsubscribe()
+    return found
+
+
 async def wait_until(condition, timeout: float = 10.0) -> None:  # noqa: ANN001
     deadline = asyncio.get_running_loop().time() + timeout
     while not condition():
         assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+async def settled(js: JetStreamContext, durable: str = "fraud", timeout: float = 10.0):  # noqa: ANN201
+    """Wait until the durable has nothing pending and nothing unacked; return its info."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        info = await js.consumer_info("CALLS", durable)
+        if info.num_pending == 0 and info.num_ack_pending == 0:
+            return info
+        assert asyncio.get_running_loop().time() < deadline, f"not settled: {info}"
         await asyncio.sleep(0.05)
 
 
@@ -72,8 +153,7 @@ async def test_a_garbage_body_goes_to_the_dlq_with_a_reason_and_the_next_message
     nats_url: str, js: JetStreamContext
 ) -> None:
     recorder = Recorder()
-    broker = await running(nats_url, recorder)
-    try:
+    async with running(nats_url, recorder):
         garbage = await js.publish(SUBJECT, b"\x00not json{")
         await publish(js, offer("ev_valid"))
         await wait_until(lambda: [e.event_id for e in recorder.seen] == ["ev_valid"])
@@ -84,27 +164,21 @@ async def test_a_garbage_body_goes_to_the_dlq_with_a_reason_and_the_next_message
         assert dead.headers[DLQ_SUBJECT] == SUBJECT
         assert dead.headers[DLQ_SEQUENCE] == str(garbage.seq)
         assert dead.headers[DLQ_REASON].startswith("undecodable:")
-        info = await js.consumer_info("CALLS", "fraud")
-        assert info.num_ack_pending == 0 and info.num_redelivered == 0  # acked once, never looped
-    finally:
-        await broker.stop()
+        info = await settled(js)
+        assert info.num_redelivered == 0  # acked once, never looped
 
 
 async def test_an_event_on_the_wrong_subject_breaks_the_contract_and_is_dead_lettered(
     nats_url: str, js: JetStreamContext
 ) -> None:
     recorder = Recorder()
-    broker = await running(nats_url, recorder)
-    try:
-        from schemas import encode
-
+    async with running(nats_url, recorder):
         await js.publish("call.offered.49999", encode(offer("ev_misrouted")))
         [dead] = await dlq_messages(js, 1)
         assert dead.subject == "dlq.call.offered.49999"
         assert "belongs on call.offered.48123456789" in dead.headers[DLQ_REASON]
         assert recorder.seen == []
-    finally:
-        await broker.stop()
+        await settled(js)
 
 
 async def test_a_failing_handler_is_retried_with_backoff_then_dead_lettered_without_blocking_others(
@@ -113,16 +187,14 @@ async def test_a_failing_handler_is_retried_with_backoff_then_dead_lettered_with
     monkeypatch.setattr(topology, "BACKOFF_S", (0.1, 0.1, 0.1, 0.1))  # shortened for the test
     await topology.setup(js)  # the consumer's server-side backoff too
     recorder = Recorder(fail_on={"ev_poison"})
-    broker = await running(nats_url, recorder)
-    try:
+    async with running(nats_url, recorder):
         await publish(js, offer("ev_poison", "call_poison"))
         await publish(js, offer("ev_fine", "call_fine"))
         await wait_until(lambda: "ev_fine" in [e.event_id for e in recorder.seen])
         [dead] = await dlq_messages(js, 1)
         assert recorder.attempts["ev_poison"] == topology.MAX_DELIVER
         assert dead.headers[DLQ_REASON].startswith(f"handler_failed after {topology.MAX_DELIVER} deliveries")
-    finally:
-        await broker.stop()
+        await settled(js)
 
 
 async def test_every_publish_carries_the_event_id_so_jetstream_drops_a_republished_duplicate(
@@ -134,30 +206,220 @@ async def test_every_publish_carries_the_event_id_so_jetstream_drops_a_republish
     assert (await js.stream_info("CALLS")).state.messages == 1
 
 
-async def test_a_builtin_timeout_from_nats_py_fetch_does_not_crash_the_consume_task(
+async def test_outputs_are_stored_in_order_before_the_input_is_acked(
     nats_url: str, js: JetStreamContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """nats-py can raise the builtin TimeoutError from fetch; FastStream 0.7.8 only
-    suppresses nats.errors.TimeoutError, so without our guard its task dies."""
-    raised = 0
-    original = JetStreamContext.PullSubscription._fetch_n
+    """A handler returning two events: both stored, in order, each with its event id as
+    Nats-Msg-Id, and when the input is acked both are in the stream already."""
+    stored_at_ack: list[int] = []
+    ack = Msg.ack
 
-    async def flaky(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
-        nonlocal raised
-        if raised < 3:
-            raised += 1
-            raise TimeoutError  # the builtin one, as asyncio.wait_for raises it
-        return await original(self, *args, **kwargs)
+    async def spy_ack(self: Msg) -> None:
+        stored_at_ack.append((await js.stream_info("CALLS")).state.messages)
+        await ack(self)
 
-    monkeypatch.setattr(JetStreamContext.PullSubscription, "_fetch_n", flaky)
-    recorder = Recorder()
-    broker = await running(nats_url, recorder)
+    monkeypatch.setattr(Msg, "ack", spy_ack)
+    recorder = Recorder(produce=lambda event: [accepted(event), answered(event)])
+    async with running(nats_url, recorder):
+        source = offer("ev_two_outputs", "call_two")
+        await publish(js, source)
+        info = await settled(js)
+        assert info.num_redelivered == 0
+    assert stored_at_ack == [3]  # one ack, when the input and both outputs were stored
+    outputs = await stored(js, "CALLS", ["call.accepted.*", "call.answered.*"])
+    assert [m.headers["Nats-Msg-Id"] for m in outputs] == [f"{source.event_id}/decision", f"{source.event_id}/answered"]
+    assert [m.subject for m in outputs] == ["call.accepted.48123456789", "call.answered.48123456789"]
+
+
+async def test_an_input_whose_output_cannot_be_stored_is_not_acked_and_is_handled_again(
+    nats_url: str, js: JetStreamContext
+) -> None:
+    """No stream captures fraud.* (ALERTS deleted): the publish fails, the offer is nak'd
+    and redelivered; once the stream is back the alert is stored and the offer acked."""
+    await js.delete_stream("ALERTS")
+    recorder = Recorder(produce=lambda event: [alert(event)])
+    async with running(nats_url, recorder):
+        await publish(js, offer("ev_alerting"))
+        await wait_until(lambda: recorder.attempts.get("ev_alerting", 0) >= 2)  # nak'd: back after 1 s
+        info = await js.consumer_info("CALLS", "fraud")
+        assert info.num_ack_pending == 1 and info.ack_floor.stream_seq == 0  # not acked
+        await js.add_stream(topology.stream_config("ALERTS"))
+        await settled(js, timeout=15)
+    assert recorder.attempts["ev_alerting"] in (3, 4)  # 1 s, then 5 s backoff; stored on the third try
+    [stored_alert] = await stored(js, "ALERTS", ["fraud.>"])
+    assert stored_alert.headers["Nats-Msg-Id"] == "ev_alerting/alert"
+    assert await dlq_messages(js, 1, timeout=0.5) == []
+
+
+async def test_an_output_never_stored_dead_letters_the_input_after_the_last_delivery(
+    nats_url: str, js: JetStreamContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(topology, "BACKOFF_S", (0.1, 0.1, 0.1, 0.1))
+    await topology.setup(js)
+    await js.delete_stream("ALERTS")
+    recorder = Recorder(produce=lambda event: [alert(event)])
+    async with running(nats_url, recorder):
+        await publish(js, offer("ev_alert_lost"))
+        [dead] = await dlq_messages(js, 1)
+        assert dead.headers[DLQ_REASON].startswith(f"publish_failed after {topology.MAX_DELIVER} deliveries")
+        assert recorder.attempts["ev_alert_lost"] == topology.MAX_DELIVER
+        await settled(js)
+
+
+async def test_a_lost_puback_times_out_the_input_is_handled_again_and_stored_once(
+    nats_url: str, js: JetStreamContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first PubAck never arrives (dropped here): after PUBACK_TIMEOUT_S the offer is
+    nak'd, not acked; the second try publishes the same event id, JetStream drops the
+    copy, answers, and the offer is acked. The decision is stored once."""
+    monkeypatch.setattr(runtime, "PUBACK_TIMEOUT_S", 0.3)
+    dropped = 0
+    on_puback = runtime.Consumer._on_puback
+
+    async def lossy(self, msg: Msg) -> None:  # noqa: ANN001
+        nonlocal dropped
+        if dropped == 0:
+            dropped += 1
+            return
+        await on_puback(self, msg)
+
+    monkeypatch.setattr(runtime.Consumer, "_on_puback", lossy)
+    recorder = Recorder(produce=lambda event: [accepted(event)])
+    async with running(nats_url, recorder):
+        await publish(js, offer("ev_puback_lost"))
+        await settled(js, timeout=15)
+    assert dropped == 1 and recorder.attempts["ev_puback_lost"] == 2
+    assert len(await stored(js, "CALLS", ["call.accepted.*"])) == 1
+
+
+async def test_handlers_start_in_stream_order_while_running_concurrently(nats_url: str, js: JetStreamContext) -> None:
+    started: list[str] = []
+    running_now = peak = 0
+
+    async def handler(event: AnyEvent, _meta: Msg.Metadata) -> list[Event]:
+        nonlocal running_now, peak
+        started.append(event.event_id)  # before the first await: the order handlers began in
+        running_now += 1
+        peak = max(peak, running_now)
+        await asyncio.sleep(random.uniform(0, 0.01))
+        running_now -= 1
+        return []
+
+    sent = [f"ev_{i:03d}" for i in range(500)]
+    pending = [await js.publish_async(SUBJECT, encode(offer(e, f"call_{e}")), headers={"Nats-Msg-Id": e}) for e in sent]
+    await asyncio.gather(*pending)
+    async with running(nats_url, handler, batch=64):
+        await settled(js)
+    assert started == sent
+    assert peak > 1  # they did overlap
+
+
+async def test_stop_waits_for_handlers_in_flight_and_leaves_nothing_handled_unacked(
+    nats_url: str, js: JetStreamContext
+) -> None:
+    release = asyncio.Event()
+    handled: list[str] = []
+
+    async def slow(event: AnyEvent, _meta: Msg.Metadata) -> list[Event]:
+        await release.wait()
+        handled.append(event.event_id)
+        return [accepted(event)]
+
+    sent = [f"ev_stop_{i}" for i in range(40)]
+    for e in sent:
+        await publish(js, offer(e, f"call_{e}"))
+    broker = make_broker(NatsSettings(nats_url=nats_url), service="fraud")
+    consume(broker, topology.consumer("fraud"), slow, batch=8)
+    await broker.start()
+    await start_consumers(broker)
     try:
-        [subscriber] = broker.subscribers
-        task = subscriber.tasks[0]
-        await wait_until(lambda: raised == 3)
-        await publish(js, offer("ev_after_timeouts"))
-        await wait_until(lambda: bool(recorder.seen), timeout=5)
-        assert subscriber.tasks[0] is task and not task.done()  # the same task, never crashed
+        [consumer] = consumers(broker)
+        await wait_until(lambda: consumer.in_flight == 8)
+        stopping = asyncio.create_task(stop_consumers(broker))
+        await asyncio.sleep(0.3)
+        assert not stopping.done()  # waits for the handlers in flight
+        release.set()
+        await asyncio.wait_for(stopping, 10)
+        assert consumer.in_flight == 0 and not consumer.running
     finally:
         await broker.stop()
+    assert sorted(handled) == sorted(sent[:8])
+    info = await js.consumer_info("CALLS", "fraud")
+    assert info.num_ack_pending == 0  # every handled input acked; the rest were given back
+    assert info.ack_floor.stream_seq == 8 and info.num_pending == len(sent) - 8
+    assert len(await stored(js, "CALLS", ["call.accepted.*"])) == 8  # their outputs stored
+
+
+async def test_errors_in_the_pull_loop_do_not_stop_the_consumer(
+    nats_url: str, js: JetStreamContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Timeouts (nats-py's and the builtin one) and other errors while pulling are logged
+    and the loop pulls again."""
+    failures = [TimeoutError(), nats.errors.TimeoutError(), nats.errors.ConnectionReconnectingError()]
+    pull = runtime.Consumer._pull
+
+    async def flaky(self) -> None:  # noqa: ANN001
+        if failures:
+            raise failures.pop(0)
+        await pull(self)
+
+    monkeypatch.setattr(runtime.Consumer, "_pull", flaky)
+    recorder = Recorder()
+    async with running(nats_url, recorder) as broker:
+        [consumer] = consumers(broker)
+        await publish(js, offer("ev_after_errors"))
+        await wait_until(lambda: bool(recorder.seen), timeout=10)
+        assert not failures and consumer.running
+
+
+async def test_the_consumer_pulls_again_after_a_reconnect(nats_url: str, js: JetStreamContext) -> None:
+    recorder = Recorder()
+    async with running(nats_url, recorder) as broker:
+        await publish(js, offer("ev_before"))
+        await wait_until(lambda: len(recorder.seen) == 1)
+        connection = broker.connection
+        reconnects = connection.stats["reconnects"]
+        connection._transport.close()  # the socket drops: nats-py reconnects
+        await wait_until(lambda: connection.stats["reconnects"] > reconnects and connection.is_connected)
+        await publish(js, offer("ev_after"))
+        # sooner than a missed heartbeat would tell (an ack lost with the socket may redeliver ev_before too)
+        await wait_until(lambda: "ev_after" in [e.event_id for e in recorder.seen], timeout=5)
+        await settled(js)
+
+
+async def test_the_consumer_pulls_again_when_its_durable_is_recreated(nats_url: str, js: JetStreamContext) -> None:
+    """Deleting the durable ends the pull requests waiting on it (409); once setup has
+    created it again the consumer goes on without a restart."""
+    recorder = Recorder()
+    async with running(nats_url, recorder):
+        await publish(js, offer("ev_first"))
+        await wait_until(lambda: len(recorder.seen) == 1)
+        await js.delete_consumer("CALLS", "fraud")
+        await topology.setup(js)
+        await publish(js, offer("ev_second", "call_2"))
+        await wait_until(lambda: "ev_second" in [e.event_id for e in recorder.seen], timeout=5)
+        await settled(js)  # (the new durable delivers the stream from the start again)
+
+
+async def test_a_slow_synchronous_handler_shrinks_the_window_so_nothing_waits_past_the_ack_wait(
+    nats_url: str, js: JetStreamContext
+) -> None:
+    """20 ms of blocking work per message: a full window of 256 would keep the last one
+    waiting 5 s, past the durable's 1 s ack wait (redelivered while still queued). The
+    window follows the measured handler time instead: a quarter of the ack wait's worth."""
+    import time
+
+    def busy(event: AnyEvent) -> list[Event]:
+        time.sleep(0.02)  # CPU-bound work, as a database write in the handler is
+        return []
+
+    sent = [f"ev_slow_{i}" for i in range(80)]
+    pending = [await js.publish_async(SUBJECT, encode(offer(e, f"call_{e}")), headers={"Nats-Msg-Id": e}) for e in sent]
+    await asyncio.gather(*pending)
+    recorder = Recorder(produce=busy)
+    async with running(nats_url, recorder, batch=256) as broker:
+        [consumer] = consumers(broker)
+        info = await settled(js, timeout=20)
+        assert 5 <= consumer._window <= 15  # 0.25 s / 20 ms = 12
+    assert info.num_redelivered == 0 and sorted(recorder.attempts) == sorted(sent)
+    assert set(recorder.attempts.values()) == {1}
