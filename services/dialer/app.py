@@ -5,7 +5,6 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 
-import msgspec
 import structlog
 from faststream.nats import NatsBroker
 from nats.aio.msg import Msg
@@ -13,7 +12,8 @@ from nats.js import JetStreamContext
 
 from callplane import topology
 from callplane.broker import consume, publish
-from schemas import AnyEvent, Reply, decode_command, encode_message, rpc
+from callplane.commands import serve_commands
+from schemas import AnyEvent, Reply
 from schemas.commands import PlaceCall
 
 from .core import Status, next_status, place_call
@@ -30,13 +30,7 @@ class Dialer:
         self.js = js
         self.outbound: dict[str, Status] = {}  # call_id -> status, for calls this dialer placed
 
-    async def on_command(self, data: bytes) -> Reply:
-        try:
-            command = decode_command(data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            return Reply(ok=False, code="invalid", message=str(exc))
-        if not isinstance(command, PlaceCall):
-            return Reply(ok=False, code="invalid", message=f"the dialer does not handle {type(command).__name__}")
+    async def place(self, command: PlaceCall) -> Reply:
         offer = place_call(command, now=datetime.now(UTC), new_id=new_id)
         await publish(self.js, offer)
         self.outbound[offer.call_id] = "dispatched"
@@ -55,12 +49,5 @@ async def wire(broker: NatsBroker, js: JetStreamContext, _settings: object):
     dialer = Dialer(js)
     consume(broker, topology.consumer("dialer"), dialer.on_call_event)
 
-    @broker.subscriber(rpc("dialer", "*"), decoder=_raw)
-    async def on_command(body: bytes) -> bytes:
-        return encode_message(await dialer.on_command(body))
-
+    serve_commands(broker, "dialer", dialer.place, accepts=(PlaceCall,))
     return None
-
-
-async def _raw(message) -> bytes:  # noqa: ANN001
-    return message.body

@@ -24,6 +24,7 @@ from nats.js import JetStreamContext
 
 from callplane import topology
 from callplane.broker import consume, publish_all
+from callplane.commands import serve_commands
 from callplane.projection import Projection
 from callplane.secrets import SecretBox, SecretError, read_sealed
 from schemas import (
@@ -34,7 +35,6 @@ from schemas import (
     Event,
     Reply,
     command_name,
-    decode_command,
     decode_reply,
     derived_id,
     encode_message,
@@ -234,19 +234,8 @@ async def wire(broker: NatsBroker, js: JetStreamContext, settings: GatekeeperSet
     spec = topology.consumer("gatekeeper") if partition is None else topology.gatekeeper_partition(partition)
     consume(broker, spec, gatekeeper.on_call_event)
 
-    @broker.subscriber(rpc("gatekeeper", command_name(AnswerCall)), decoder=_raw)
-    async def on_answer(body: bytes) -> bytes:
-        try:
-            command = decode_command(body)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            return encode_message(Reply(ok=False, code="invalid", message=str(exc)))
-        if not isinstance(command, AnswerCall):
-            return encode_message(Reply(ok=False, code="invalid", message="the gatekeeper answers answer_call only"))
-        return encode_message(await gatekeeper.answer(command))
+    serve_commands(broker, "gatekeeper", gatekeeper.answer, accepts=(AnswerCall,))
 
     return gatekeeper.stop
 
-
-async def _raw(message) -> bytes:  # noqa: ANN001
-    return message.body
 

@@ -8,7 +8,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
-import msgspec
 import structlog
 from faststream.nats import NatsBroker
 from nats.aio.msg import Msg
@@ -16,6 +15,7 @@ from nats.js import JetStreamContext
 
 from callplane import topology
 from callplane.broker import consume, publish_all
+from callplane.commands import serve_commands
 from schemas import (
     AccountConfigured,
     AccountCredited,
@@ -33,13 +33,9 @@ from schemas import (
     LedgerHeld,
     LedgerReleased,
     Reply,
-    command_name,
     decode,
-    decode_command,
     derived_id,
     encode,
-    encode_message,
-    rpc,
     timestamp,
 )
 from schemas.commands import HoldCredit, HoldView
@@ -411,15 +407,7 @@ async def wire(broker: NatsBroker, js: JetStreamContext, settings: MeterSettings
     for durable in ("meter-calls", "meter-accounts"):
         consume(broker, topology.consumer(durable), meter.handler(durable))
 
-    @broker.subscriber(rpc("meter", command_name(HoldCredit)), decoder=_raw)
-    async def on_hold(body: bytes) -> bytes:
-        try:
-            command = decode_command(body)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            return encode_message(Reply(ok=False, code="invalid", message=str(exc)))
-        if not isinstance(command, HoldCredit):
-            return encode_message(Reply(ok=False, code="invalid", message="the meter answers hold_credit only"))
-        return encode_message(meter.hold(command))
+    serve_commands(broker, "meter", meter.hold, accepts=(HoldCredit,))
 
     async def supervise_forever() -> None:
         while True:
@@ -448,6 +436,3 @@ async def wire(broker: NatsBroker, js: JetStreamContext, settings: MeterSettings
 
     return stop
 
-
-async def _raw(message) -> bytes:  # noqa: ANN001
-    return message.body

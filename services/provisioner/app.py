@@ -20,12 +20,13 @@ import msgspec
 import nats.js.errors
 import structlog
 import uvicorn
-from faststream.nats import NatsBroker, NatsMessage
+from faststream.nats import NatsBroker
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
+from callplane.commands import invalid, serve_commands
 from callplane.projection import Projection
-from schemas import Reply, decode_command, encode, encode_message, number_token, rpc, subject_for
+from schemas import Reply, decode_command, encode, number_token, subject_for
 from schemas.commands import AnyCommand, GetAccount, GetNumber, ListNumbers, RotateSecrets
 
 from . import validation
@@ -206,13 +207,6 @@ class Provisioner:
             expected = ack.seq
 
 
-def invalid(exc: Exception) -> Reply:
-    """A body msgspec could not decode: name the field ('... - at `$.policy.hours`')."""
-    text = str(exc)
-    field = text.rsplit("$.", 1)[1].rstrip("`") if "$." in text else None
-    return Reply(ok=False, code="invalid", message=text, field=field, rule="schema")
-
-
 async def wire(broker: NatsBroker, js: JetStreamContext, settings: ProvisionerSettings):
     try:
         provisioner = Provisioner(js, settings)
@@ -220,9 +214,7 @@ async def wire(broker: NatsBroker, js: JetStreamContext, settings: ProvisionerSe
         raise RuntimeError(f"CALLPLANE_SECRET_KEYS: {exc}") from None
     await provisioner.start()
 
-    @broker.subscriber(rpc("provisioner", "*"), decoder=_raw)
-    async def on_command(body: bytes, message: NatsMessage) -> bytes:
-        return encode_message(await provisioner.handle_bytes(body))
+    serve_commands(broker, "provisioner", provisioner.handle)
 
     http = await serve_http(provisioner, settings) if settings.http_port >= 0 else None
 
@@ -261,6 +253,3 @@ async def serve_http(provisioner: Provisioner, settings: ProvisionerSettings) ->
     log.info("http_listening", url=f"http://{settings.http_host}:{port}/v1")
     return server
 
-
-async def _raw(message: NatsMessage) -> bytes:
-    return message.body
