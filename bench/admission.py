@@ -13,8 +13,10 @@ It starts its own nats-server (JetStream, free port, temporary store) and measur
      - baseline, continuous pull: raw nats-py, a core subscription on an inbox fed by
        pull requests ($JS.API.CONSUMER.MSG.NEXT) that are topped up as messages arrive;
      - baseline, fetch: raw nats-py, `pull_subscribe_bind` + `fetch(batch)` in a loop;
-     - gatekeeper: `services.gatekeeper.app.wire` on a `callplane.broker.make_broker`
-       FastStream broker, started in this process exactly as `callplane.service.serve` does.
+     - runtime: `callplane.broker.consume` (the consumer runtime, defaults as services
+       get them) with the baselines' handler: what the runtime costs over raw nats-py;
+     - gatekeeper: `services.gatekeeper.app.wire` through `callplane.service.open_service`
+       and `Service.start`, in this process, exactly as `callplane.service.serve` does.
    Both baselines decode with `schemas.decode`, accept, publish a call.accepted of the same
    shape as the gatekeeper's with `js.publish_async` (pipelined PubAcks) and `Nats-Msg-Id`,
    and ack each input once its decision's PubAck arrived.
@@ -402,6 +404,7 @@ class GcWatch:
             "collections": len(self.pauses),
             "full_collections": len(full),
             "full_max_ms": max(full, default=0.0),
+            "max_ms": max((ms for _, ms in self.pauses), default=0.0),  # the longest of any generation
             "full_total_ms": sum(full),
             "all_total_ms": sum(ms for _, ms in self.pauses),
         }
@@ -487,7 +490,10 @@ class Verification:
 
     def text(self) -> str:
         if self.exactly_once:
-            return f"OK: {self.offers}/{self.offers} offers have exactly one stored decision"
+            return (
+                f"OK: {self.offers}/{self.offers} offers have exactly one stored decision "
+                f"({self.accepted} accepted, {self.rejected} rejected)"
+            )
         return (
             f"FAILED: {self.offers_with_one}/{self.offers} offers with exactly one decision, "
             f"{self.offers_with_none} with none, {self.offers_with_more} with several, {self.unexpected} unexpected"
@@ -867,7 +873,7 @@ def fmt(value: float, digits: int = 2) -> str:
 
 
 def gc_text(g: dict) -> str:
-    return f"{g['full_collections']:>3} x, max {g['full_max_ms']:5.1f} ms"
+    return f"{g['full_collections']:>3} x, max {g['full_max_ms']:5.1f} ms; any: max {g.get('max_ms', 0.0):5.1f} ms"
 
 
 def report(results: dict) -> str:
@@ -885,7 +891,7 @@ def report(results: dict) -> str:
         "",
         f"Saturation: {opts['offers']:,} offers pre-published to CALLS, then drained by the consumer under test",
         f"  {'consumer':<34}{'decisions/s':>12}{'elapsed':>9}{'acked':>8}{'CPU us/offer':>14}{'server':>8}"
-        f"{'redeliv.':>10}   full GCs in this process",
+        f"{'redeliv.':>10}   full GCs in this process; longest of any",
     ]
     verifications = []
     for s in results["saturation"]:
@@ -906,13 +912,13 @@ def report(results: dict) -> str:
         "",
         f"Latency: offers published at {fmt(opts['rate'], 0)}/s for {opts['seconds']:g} s "
         f"(after a {WARMUP_S:g} s warm-up), offer publish -> decision received",
-        f"  {'consumer':<34}{'p50':>11}{'p90':>11}{'p99':>11}{'max':>11}{'mean':>11}"
-        f"{'decisions':>14}{'sent/s':>8}   full GCs in this process",
+        f"  {'consumer':<34}{'p50':>12}{'p90':>12}{'p99':>12}{'max':>12}{'mean':>12}"
+        f"{'decisions':>14}{'sent/s':>8}   full GCs in this process; longest of any",
     ]
     for r in results["latency"]:
         lines.append(
             f"  {r['consumer']:<34}"
-            + "".join(f"{fmt(r[k]):>8} ms" for k in ("p50_ms", "p90_ms", "p99_ms", "max_ms", "mean_ms"))
+            + "".join(f"{fmt(r[k]):>9} ms" for k in ("p50_ms", "p90_ms", "p99_ms", "max_ms", "mean_ms"))
             + f"{r['decisions_received']:>8}/{r['measured']:<5}{fmt(r['achieved_rate'], 0):>8}   "
             + gc_text(r["gc"])
         )
