@@ -283,23 +283,26 @@ class Baseline:
 
 
 class RuntimeBaseline:
-    """`callplane.broker.consume` as services use it (defaults included), with the
-    baselines' handler (`accept`): what the runtime costs over raw nats-py, apart from
-    whatever the gatekeeper's own logic costs."""
+    """`callplane.broker.consume` as services get it (its defaults, and the GC tuned as
+    `callplane.service.open_service` does), with the baselines' handler (`accept`): what
+    the runtime costs over raw nats-py, apart from whatever the gatekeeper's logic costs."""
 
     label = "runtime: callplane.broker"
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.broker = None
+        self.thresholds = gc.get_threshold()
 
     async def prepare(self) -> None:
         from callplane.broker import consume, make_broker
         from callplane.config import NatsSettings
+        from callplane.service import tune_gc
 
         self.broker = make_broker(NatsSettings(nats_url=self.url), service="bench")
         await self.broker.connect()
         consume(self.broker, topology.consumer(DURABLE), self.handle)
+        tune_gc()  # as callplane.service.open_service does for every service
 
     async def handle(self, event: object, _meta: object) -> list:
         return [accept(event)] if isinstance(event, CallOffered) else []
@@ -312,8 +315,12 @@ class RuntimeBaseline:
     async def stop(self) -> None:
         from callplane.broker import stop_consumers
 
-        await stop_consumers(self.broker)
-        await self.broker.stop()
+        try:
+            await stop_consumers(self.broker)
+            await self.broker.stop()
+        finally:
+            gc.unfreeze()  # undo tune_gc for the phases that follow
+            gc.set_threshold(*self.thresholds)
 
 
 # -- the gatekeeper as shipped ------------------------------------------------------
