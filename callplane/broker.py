@@ -278,6 +278,7 @@ class Consumer:
         if self._runner is None:
             return
         self._stopping = True
+        self._room.set()  # a delivery waiting for room goes on (and is nak'd)
         deadline = self._time() + timeout
         usable = not (self._nc.is_closed or self._nc.is_draining)
         # No more deliveries: what is already queued in the inbox is nak'd (redelivered at once).
@@ -293,9 +294,14 @@ class Consumer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - self._time()))
         if self._inflight:
-            log.warning("consumer_stop_timed_out", durable=self.spec.durable, in_flight=len(self._inflight))
+            log.warning(
+                "consumer_stopped_with_work_in_flight",  # not acked: JetStream redelivers them
+                durable=self.spec.durable,
+                in_flight=len(self._inflight),
+                reason="timeout" if usable else "connection closed",
+            )
             for task in list(self._tasks):
-                task.cancel()  # not acked: JetStream redelivers them
+                task.cancel()
             if self._tasks:
                 await asyncio.wait(list(self._tasks), timeout=1.0)
             self._inflight.clear()
@@ -389,8 +395,10 @@ class Consumer:
                 return
             if not produced:
                 work.settled = True
-                self._release(work)
-                await msg.ack()
+                try:
+                    await msg.ack()
+                finally:
+                    self._release(work)
                 return
             try:
                 await self._publish(work, produced)
@@ -437,15 +445,17 @@ class Consumer:
         work.pending -= 1
         if work.pending == 0:
             work.settled = True
-            self._release(work)
             try:
                 await work.msg.ack()
             except Exception as exc:  # noqa: BLE001 - not acked: JetStream redelivers it, the outputs dedupe
                 log.warning("consumer_ack_failed", durable=self.spec.durable, error=repr(exc))
+            finally:
+                self._release(work)
 
     def _publish_failed(self, work: _Work, error: BaseException) -> None:
         """An output was not stored: settle the input by the policy, in a task of its own
         (a dead-letter waits for its own PubAck)."""
+        work.settled = True  # once: a late PubAck or the next sweep leave it alone
         self._forget_pubacks(work)
         task = asyncio.get_running_loop().create_task(
             self._retry_or_dead_letter(work, work.msg.metadata, "publish_failed", error)
@@ -483,6 +493,8 @@ class Consumer:
                 delay = _backoff(meta.num_delivered)
                 log.warning(f"{what}_will_retry", subject=msg.subject, delay_s=delay, exc_info=exc)
                 await msg.nak(delay=delay)
+        except Exception as error:  # noqa: BLE001 - e.g. the connection closed: JetStream redelivers it
+            log.warning("consumer_settle_failed", durable=self.spec.durable, subject=msg.subject, error=repr(error))
         finally:
             self._release(work)
 
@@ -493,7 +505,8 @@ class Consumer:
             await dead_letter(msg, reason, js=self._js)
         except Exception as exc:  # noqa: BLE001 - the DLQ is unavailable: try again later
             log.error("dead_letter_failed", subject=msg.subject, origin=f"{meta.stream}:{meta.sequence.stream}", exc_info=exc)
-            await msg.nak(delay=_backoff(meta.num_delivered))
+            with contextlib.suppress(Exception):  # if even the nak fails, the ack wait redelivers it
+                await msg.nak(delay=_backoff(meta.num_delivered))
         finally:
             self._release(work)
 
