@@ -180,7 +180,16 @@ def _fold_decision(state: State, decision: CallAccepted | CallRejected) -> None:
     elif isinstance(earlier, CallAccepted):
         state.ringing.pop(decision.call_id, None)
         if line is not None and line.active.pop(decision.call_id, None) is not None:
-            line.admitted = deque(entry for entry in line.admitted if entry[1] != decision.call_id)
+            _withdraw(line.admitted, decision.call_id)
+
+
+def _withdraw(admitted: deque[tuple[datetime, str]], call_id: str) -> None:
+    """Take a call's admission out of the window. It is almost always among the newest,
+    so search from the right end (deque deletion near an end is cheap)."""
+    for index in range(len(admitted) - 1, -1, -1):
+        if admitted[index][1] == call_id:
+            del admitted[index]
+            return
 
 
 def lease_length(accepted: CallAccepted) -> timedelta:
