@@ -80,17 +80,6 @@ CREATE OR REPLACE VIEW balances AS
     FROM accounts a LEFT JOIN holds h USING (account_id)
     GROUP BY a.account_id, a.balance_millicredits;
 -- Analysts' views (also exported to the Parquet snapshots): a day is the account's local day.
-CREATE OR REPLACE VIEW daily_account_totals AS
-    SELECT l.account_id,
-           CAST(timezone(coalesce(a.timezone, 'UTC'), l.occurred_at) AS DATE) AS day,
-           count(DISTINCT l.call_id) AS calls,
-           sum(l.charged_s) / 60.0 AS billed_minutes,
-           CAST(sum(l.voice_millicredits) AS BIGINT) AS voice_millicredits,  -- sum() is HUGEINT,
-           CAST(sum(l.text_millicredits) AS BIGINT) AS text_millicredits,    -- which Parquet holds
-           CAST(sum(l.amount_millicredits) AS BIGINT) AS total_millicredits  -- as DOUBLE
-    FROM ledger l LEFT JOIN accounts a USING (account_id)
-    WHERE l.kind = 'charged'
-    GROUP BY ALL;
 CREATE OR REPLACE VIEW daily_number_totals AS
     SELECT l.number, l.account_id,
            CAST(timezone(coalesce(a.timezone, 'UTC'), l.occurred_at) AS DATE) AS day,
@@ -101,6 +90,16 @@ CREATE OR REPLACE VIEW daily_number_totals AS
            CAST(sum(l.amount_millicredits) AS BIGINT) AS total_millicredits  -- as DOUBLE
     FROM ledger l LEFT JOIN accounts a USING (account_id)
     WHERE l.kind = 'charged'
+    GROUP BY ALL;
+-- A call has one number, so an account's day is the sum of its numbers' days.
+CREATE OR REPLACE VIEW daily_account_totals AS
+    SELECT account_id, day,
+           CAST(sum(calls) AS BIGINT) AS calls,
+           sum(billed_minutes) AS billed_minutes,
+           CAST(sum(voice_millicredits) AS BIGINT) AS voice_millicredits,
+           CAST(sum(text_millicredits) AS BIGINT) AS text_millicredits,
+           CAST(sum(total_millicredits) AS BIGINT) AS total_millicredits
+    FROM daily_number_totals
     GROUP BY ALL;
 CREATE OR REPLACE VIEW open_holds AS
     SELECT h.hold_id, h.account_id, h.call_id, h.amount_millicredits, c.number, c.accepted_at
