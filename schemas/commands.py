@@ -142,6 +142,13 @@ class HoldCredit(Command, tag="hold_credit", kw_only=True):
     number: str
 
 
+class HoldCredits(Command, tag="hold_credits", kw_only=True):
+    """Gatekeeper to meter: several holds in one round trip. The reply's `replies` answer
+    them one for one, in order; each is what `hold_credit` would have answered."""
+
+    requests: Annotated[list[HoldCredit], Meta(min_length=1, max_length=1000)]
+
+
 class AnswerCall(Command, tag="answer_call", kw_only=True):
     """An agent that answers by itself (auto_answer off) picks up a ringing call."""
 
@@ -172,6 +179,7 @@ AnyCommand = (
     | CreditAccount
     | PlaceCall
     | HoldCredit
+    | HoldCredits
     | AnswerCall
 )
 
@@ -256,6 +264,7 @@ class Reply(Struct, kw_only=True, omit_defaults=True):
     numbers: list[NumberView] | None = None  # list_numbers
     account: AccountView | None = None  # get_account, configure_account
     hold: HoldView | None = None  # hold_credit
+    replies: list[Reply] | None = None  # hold_credits: one per request, in order
 
 
 _command_decoder = msgspec.json.Decoder(AnyCommand)

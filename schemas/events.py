@@ -59,6 +59,17 @@ RejectReason = Literal[
     "destination_high_risk",
 ]
 
+# Outbound destinations the gatekeeper refuses unless the account allows them (AccountConfigured.
+# allowed_high_risk_prefixes), and the fraud service watches: premium-rate and revenue-share
+# ranges that international revenue share fraud (IRSF) pumps traffic to. A starting list.
+HIGH_RISK_PREFIXES: tuple[str, ...] = (
+    "+1900", "+1976",  # North American premium rate
+    "+4487", "+4490", "+4491", "+4498",  # UK premium / revenue share
+    "+881", "+882", "+883",  # global satellite and international networks
+    "+979",  # international premium rate
+    "+53", "+252", "+232", "+224", "+675", "+677", "+678", "+682", "+688", "+674",  # IRSF hot spots
+)  # fmt: skip
+
 # SPEC section 4: the SIP status that goes with every refusal.
 SIP_STATUS: dict[str, int] = {
     "unknown_number": 404,
@@ -344,15 +355,37 @@ class LedgerCredited(LedgerEvent, tag="ledger.credited", kw_only=True):
     reference: str
 
 
+class Tally(Model, kw_only=True):
+    value: str  # a source IP, a caller prefix, a user agent ...
+    count: NonNegative
+
+
+class AlertEvidence(Model, kw_only=True):
+    """What an operator needs to judge an alert without opening the stream."""
+
+    first_call_id: str = ""
+    last_call_id: str = ""
+    top_source_ips: tuple[Tally, ...] = ()
+    top_caller_prefixes: tuple[Tally, ...] = ()
+    source_ip: str = ""  # scanner_sweep: the scanning address
+    user_agent: str = ""  # scanner_sweep: a known scanner's user agent
+    distinct_numbers: NonNegative = 0  # scanner_sweep / account_spike: numbers touched
+    destination_prefix: str = ""  # irsf_destination: the high-risk range called
+    baseline_per_minute: float | None = None  # baseline_jump: the EWMA before the jump
+    z_score: float | None = None  # baseline_jump
+
+
 class FraudAlert(Event, tag="fraud.alert", kw_only=True):
-    number: E164
+    number: E164  # the number of the call that crossed the threshold
     account_id: Token | None = None
-    rule: str
+    rule: str  # call_spike | scanner_sweep | account_spike | irsf_destination | baseline_jump
     count: NonNegative
     threshold: NonNegative
     window_s: Positive
     first_at: Timestamp
     last_at: Timestamp
+    summary: str = ""  # one line for a human, e.g. "12 calls to +48... within 5 min (threshold 10)"
+    evidence: AlertEvidence = AlertEvidence()
 
 
 AnyEvent = Union[

@@ -28,6 +28,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import msgspec
 
 from schemas import (
+    HIGH_RISK_PREFIXES,
     SIP_STATUS,
     AccountConfigured,
     AnyEvent,
@@ -59,16 +60,6 @@ RING_TIMEOUT_S = 60
 DEFAULT_MAX_CALL_S = 4 * 3600
 LEASE_GRACE_S = 120
 
-# Outbound destinations refused unless the account allows them (AccountConfigured.
-# allowed_high_risk_prefixes): premium-rate and revenue-share ranges that international
-# revenue share fraud (IRSF) pumps traffic to. A starting list, not a complete one.
-HIGH_RISK_PREFIXES: tuple[str, ...] = (
-    "+1900", "+1976",  # North American premium rate
-    "+4487", "+4490", "+4491", "+4498",  # UK premium / revenue share
-    "+881", "+882", "+883",  # global satellite and international networks
-    "+979",  # international premium rate
-    "+53", "+252", "+232", "+224", "+675", "+677", "+678", "+682", "+688", "+674",  # IRSF hot spots
-)  # fmt: skip
 
 
 @dataclass
