@@ -53,6 +53,9 @@ class ConsumerSpec:
     # Leading subject tokens a partitioned stream adds ("gatekeeper.<p>."): stripped to
     # recover the event's own subject.
     strip_tokens: int = 0
+    # Created to deliver only what is published from then on, not the stream's history
+    # (a new notification consumer must not e-mail every alert ever raised).
+    deliver_new: bool = False
 
     def event_subject(self, subject: str) -> str:
         return subject.split(".", self.strip_tokens)[-1] if self.strip_tokens else subject
@@ -62,7 +65,7 @@ class ConsumerSpec:
             durable_name=self.durable,
             name=self.durable,
             description=self.description or None,
-            deliver_policy=DeliverPolicy.ALL,
+            deliver_policy=DeliverPolicy.NEW if self.deliver_new else DeliverPolicy.ALL,
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=BACKOFF_S[0],  # the server uses backoff[0] for the first redelivery
             max_deliver=MAX_DELIVER,
@@ -89,6 +92,10 @@ CONSUMERS: tuple[ConsumerSpec, ...] = (
     ),
     ConsumerSpec("meter-accounts", "ACCOUNTS", ("account.>",), "meter", "account settings and credits"),
     ConsumerSpec("fraud", "CALLS", ("call.offered.*",), "fraud", "traffic windows per number"),
+    # Alert delivery, one durable per channel: a failing mailbox never holds up webhooks
+    # (nor detection, which only publishes fraud.alert).
+    ConsumerSpec("fraud-email", "ALERTS", ("fraud.alert.*",), "fraud", "fraud alerts by e-mail", deliver_new=True),
+    ConsumerSpec("fraud-webhook", "ALERTS", ("fraud.alert.*",), "fraud", "fraud alerts by webhook", deliver_new=True),
     ConsumerSpec(
         "dialer",
         "CALLS",
