@@ -76,10 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     rotate.set_defaults(run=cmd_secrets_rotate)
 
     from .admin_cli import add_admin_commands
+    from .alerts_cli import add_alerts_commands
     from .ledger_cli import add_ledger_commands
 
     add_admin_commands(commands)
     add_ledger_commands(commands)
+    add_alerts_commands(commands)
     return parser
 
 
