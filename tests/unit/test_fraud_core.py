@@ -1,4 +1,5 @@
-"""Spike detection as pure functions: "more than X calls within Y minutes", with hysteresis."""
+"""call_spike as pure functions: "more than X calls within Y minutes" per number, with hysteresis,
+and the evidence every alert carries."""
 
 from __future__ import annotations
 
@@ -19,7 +20,30 @@ from schemas import (
     SecurityPolicy,
     timestamp,
 )
-from services.fraud.core import State, evolve, observe
+from services.fraud.core import (
+    AccountSpike,
+    BaselineJump,
+    Detectors,
+    IrsfDestination,
+    ScannerSweep,
+    State,
+    evolve,
+)
+from services.fraud.core import observe as observe_all
+
+# Only the rule under test, so other detectors' defaults cannot interfere.
+ONLY_SPIKE = Detectors(
+    scanner_sweep=ScannerSweep(enabled=False),
+    account_spike=AccountSpike(enabled=False),
+    irsf_destination=IrsfDestination(enabled=False),
+    baseline_jump=BaselineJump(enabled=False),
+)
+
+
+def observe(state: State, offer: CallOffered) -> FraudAlert | None:
+    alerts = observe_all(state, offer, ONLY_SPIKE)
+    assert len(alerts) <= 1
+    return alerts[0] if alerts else None
 
 NUMBER = "+48123456789"
 ACCOUNT = "acct_1"
@@ -201,3 +225,91 @@ def test_alerts_exactly_when_the_window_count_crosses_the_threshold(gaps_ms, cal
             assert alert.count == len(in_window)
             assert alert.first_at == timestamp(T0 + in_window[0])
         previous_count = len(in_window)
+
+
+# -- evidence ------------------------------------------------------------------------
+
+
+def offer_from(at: datetime, caller: str, ip: str, call_id: str) -> CallOffered:
+    return CallOffered(
+        event_id=f"offer-{call_id}", occurred_at=timestamp(at), call_id=call_id, to=NUMBER, from_=caller, source_ip=ip
+    )
+
+
+def test_alert_evidence_names_first_and_last_call_top_sources_and_caller_prefixes():
+    state = watched(policy_set(spike_policy(calls=6)))
+    calls = [
+        ("+442071234567", "203.0.113.9"),
+        ("+442079999999", "198.51.100.7"),
+        ("anonymous", "198.51.100.7"),
+        ("+14155550100", "203.0.113.9"),
+        ("+442070000000", "192.0.2.1"),
+        ("anonymous", "198.51.100.7"),
+        ("+33123456789", ""),  # no source IP: not a tally
+    ]
+    alerts = [observe(state, offer_from(T0 + n * S, caller, ip, f"c{n}")) for n, (caller, ip) in enumerate(calls)]
+    alert = alerts[-1]
+    assert alerts[:-1] == [None] * 6 and alert is not None
+    ev = alert.evidence
+    assert (ev.first_call_id, ev.last_call_id) == ("c0", "c6")
+    assert [(t.value, t.count) for t in ev.top_source_ips] == [("198.51.100.7", 3), ("203.0.113.9", 2), ("192.0.2.1", 1)]
+    assert [(t.value, t.count) for t in ev.top_caller_prefixes] == [
+        ("+4420", 3),
+        ("anonymous", 2),
+        ("+1415", 1),  # ties ordered by value
+        ("+3312", 1),
+    ]
+    assert alert.summary == f"7 calls to {NUMBER} within 10 min (threshold 6)"
+
+
+def test_evidence_keeps_the_top_five_with_ties_broken_by_value():
+    state = watched(policy_set(spike_policy(calls=6)))
+    ips = ["10.0.0.7", "10.0.0.3", "10.0.0.9", "10.0.0.1", "10.0.0.5", "10.0.0.2", "10.0.0.8"]
+    alerts = [observe(state, offer_from(T0 + n * S, "anonymous", ip, f"c{n}")) for n, ip in enumerate(ips)]
+    assert [t.value for t in alerts[-1].evidence.top_source_ips] == sorted(ips)[:5]
+
+
+def test_outbound_offers_count_for_the_calling_number_and_tally_the_destination():
+    state = watched_with_spike_policy(calls=1)
+    out = [
+        CallOffered(
+            event_id=f"o{n}", occurred_at=timestamp(T0 + n * S), call_id=f"o{n}", direction="outbound",
+            to="+33612345678", from_=NUMBER,
+        )
+        for n in range(2)
+    ]  # fmt: skip
+    alerts = [observe(state, o) for o in out]
+    assert alerts[0] is None and alerts[1] is not None
+    assert alerts[1].number == NUMBER
+    assert [(t.value, t.count) for t in alerts[1].evidence.top_caller_prefixes] == [("+3361", 2)]
+
+
+# -- late and repeated offers ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("offsets", "alerting"),
+    [
+        pytest.param([5 * M, 6 * M, 7 * M, 1 * M], [3], id="a late offer still inside the window counts"),
+        pytest.param([11 * M, 12 * M, 13 * M, 3 * M], [], id="a late offer exactly one window older is ignored"),
+        pytest.param([11 * M, 12 * M, 13 * M, 3 * M + MS], [3], id="a late offer 1 ms inside counts"),
+        pytest.param([11 * M, 12 * M, 13 * M, 1 * M, 13 * M], [4], id="an ignored late offer leaves the count as it was"),
+    ],
+)
+def test_late_offers_count_only_inside_the_window_of_the_newest_offer(offsets, alerting):
+    alerts = feed(watched_with_spike_policy(), offsets)
+    assert [i for i, alert in enumerate(alerts) if alert is not None] == alerting
+
+
+def test_a_late_crossing_alert_spans_the_window_in_time_order():
+    state = watched_with_spike_policy()
+    alerts = feed(state, [5 * M, 6 * M, 7 * M, 1 * M])
+    assert alerts[-1].first_at == timestamp(T0 + 1 * M)
+    assert alerts[-1].last_at == timestamp(T0 + 7 * M)
+
+
+def test_a_redelivered_offer_is_not_counted_twice():
+    state = watched_with_spike_policy()
+    offers = [offered(T0 + n * S, call_id=f"c{n}") for n in range(3)]
+    assert [observe(state, o) for o in offers + offers] == [None] * 6
+    assert observe(state, offered(T0 + 4 * S, call_id="c3")) is not None
