@@ -9,9 +9,9 @@ a transient failure raises, so the runtime naks it with backoff (other alerts ke
 flowing meanwhile); a permanent one is logged and counted, and the alert acked.
 
 Restarts (replay). Windows live in memory, so on start they are rebuilt before the
-durable is consumed: the offers stored from (now - horizon) up to the last one the
-`fraud` durable delivered are fed through the core again, their alerts dropped, because
-they were published already. Two cases need care:
+durable is consumed: the offers stored from (the last one the `fraud` durable delivered,
+minus the core's horizon) up to that last one go through the core again, their alerts
+dropped, because they were published already. Two cases need care:
 
   - Offers delivered but not acked when the process died come back from the durable.
     They were counted by the replay, so every delivery at or below the replayed
@@ -30,7 +30,7 @@ import asyncio
 import contextlib
 from collections import OrderedDict
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import structlog
 from faststream.nats import NatsBroker
@@ -42,21 +42,19 @@ from nats.js.errors import NotFoundError
 from callplane import topology
 from callplane.broker import consume
 from callplane.projection import Projection
+from callplane.webhooks import make_client
 from schemas import (
     AnyEvent,
     CallOffered,
     DecodeError,
     Event,
     FraudAlert,
-    FraudAlertPolicy,
-    NumberPolicySet,
-    NumberRegistered,
-    NumberUnregistered,
     decode,
 )
 
 from . import core
 from .config import FraudSettings
+from .delivery import AlertDelivery, DeliveryMetrics, DeliveryResult, SmtpSettings
 
 log = structlog.get_logger()
 
@@ -75,14 +73,24 @@ class Fraud:
         self.settings = settings or FraudSettings()
         self.clock = clock
         self.state = core.State()
-        self.policies: dict[str, FraudAlertPolicy] = {}  # number -> its fraud_alert policy (recipients)
-        self.numbers = Projection(js, "NUMBERS", self._on_number_event)
+        self.detectors = self.settings.detectors()
+        self.numbers = Projection(js, "NUMBERS", lambda event: core.evolve(self.state, event))
         self.replayed_to = 0  # stream sequence up to which the replay counted the offers
         self.high_water = 0  # highest CALLS sequence counted: a delivery at or below it is a repeat
         # CALLS sequence -> the alerts its offer produced (or, after a replay, the ones never stored):
         # a redelivered offer returns them again instead of being counted twice.
         self.produced: OrderedDict[int, list[FraudAlert]] = OrderedDict()
         self.alerts_raised = 0
+        self.http = make_client() if self.settings.fraud_webhook_secret else None  # one shared client
+        self.delivery = AlertDelivery(
+            smtp=smtp_settings(self.settings),
+            client=self.http,
+            webhook_secret=self.settings.fraud_webhook_secret,
+            webhook_timeout_s=self.settings.fraud_webhook_timeout_ms / 1000,
+            allow_private=self.settings.fraud_webhook_allow_private,
+            metrics=DeliveryMetrics(),
+            clock=clock,
+        )
 
     # -- start-up ------------------------------------------------------------------------
 
@@ -92,19 +100,8 @@ class Fraud:
 
     async def stop(self) -> None:
         await self.numbers.stop()
-
-    def _on_number_event(self, event: AnyEvent) -> None:
-        core.evolve(self.state, event)
-        match event:
-            case NumberRegistered(number=n):
-                self.policies.pop(n, None)
-            case NumberPolicySet(number=n, policy=p):
-                if p.fraud_alert is None:
-                    self.policies.pop(n, None)
-                else:
-                    self.policies[n] = p.fraud_alert
-            case NumberUnregistered(number=n):
-                self.policies.pop(n, None)
+        if self.http is not None:
+            await self.http.aclose()
 
     async def replay(self) -> None:
         """Rebuild the windows from CALLS up to what the `fraud` durable delivered (see the
@@ -115,7 +112,13 @@ class Fraud:
         if delivered == 0:
             log.info("fraud_replay_skipped", reason="nothing delivered yet")
             return
-        since = self.clock() - horizon(self.state, self.settings)
+        # The windows reach back `horizon` from the last offer processed (stored time).
+        anchor = self.clock()
+        with contextlib.suppress(NotFoundError):
+            last = await self.js.get_msg(spec.stream, seq=delivered)
+            if last.time is not None:
+                anchor = min(anchor, _aware(last.time))
+        since = anchor - core.horizon(self.detectors, self.state)
         if floor < delivered:  # the unsettled offers are replayed whatever their age
             with contextlib.suppress(NotFoundError):
                 first_unsettled = await self.js.get_msg(spec.stream, seq=floor + 1)
@@ -128,7 +131,7 @@ class Fraud:
             nonlocal counted
             if isinstance(event, CallOffered):
                 counted += 1
-                alerts = observe(self.state, event, self.settings)
+                alerts = core.observe(self.state, event, self.detectors)
                 if alerts and seq > floor:
                     unsettled[seq] = alerts
 
@@ -160,7 +163,7 @@ class Fraud:
         if seq <= self.high_water:  # counted already (the replay, or a nak'd delivery)
             return list(self.produced.get(seq, ()))
         self.high_water = seq
-        alerts = observe(self.state, event, self.settings)
+        alerts = core.observe(self.state, event, self.detectors)
         if not alerts:
             return []
         self._remember(seq, alerts)
@@ -182,21 +185,54 @@ class Fraud:
         while len(self.produced) > REMEMBERED_ALERTS:
             self.produced.popitem(last=False)
 
+    # -- delivery (fraud-email, fraud-webhook) ---------------------------------------------
 
-# -- the core, whatever its version -------------------------------------------------------
+    def recipients(self, alert: FraudAlert) -> tuple[str | None, str | None]:
+        """(e-mail, webhook URL): the number's fraud_alert policy, else the service defaults."""
+        info = self.state.numbers.get(alert.number)
+        policy = info.policy if info is not None else None
+        email = (policy.email if policy else None) or self.settings.fraud_alert_email
+        webhook = (policy.webhook_url if policy else None) or self.settings.fraud_alert_webhook_url
+        return email, webhook
 
-
-def observe(state: core.State, offer: CallOffered, settings: FraudSettings) -> list[FraudAlert]:
-    if not settings.call_spike:
+    async def on_alert_email(self, event: AnyEvent, _meta: Msg.Metadata) -> list[Event]:
+        email, _ = self.recipients(event) if isinstance(event, FraudAlert) else (None, None)
+        if email and self.delivery.smtp is not None:
+            settle(await self.delivery.email(event, email), self.delivery.metrics)
         return []
-    alert = core.observe(state, offer)
-    return [] if alert is None else [alert]
+
+    async def on_alert_webhook(self, event: AnyEvent, _meta: Msg.Metadata) -> list[Event]:
+        _, url = self.recipients(event) if isinstance(event, FraudAlert) else (None, None)
+        if url and self.delivery.client is not None and self.delivery.webhook_secret is not None:
+            settle(await self.delivery.webhook(event, url), self.delivery.metrics)
+        return []
 
 
-def horizon(state: core.State, settings: FraudSettings) -> timedelta:
-    """How far back the replay starts: the longest window any detector looks at."""
-    windows = [timedelta(minutes=w.policy.window_minutes) for w in state.watches.values() if w.policy is not None]
-    return max(windows, default=timedelta(0))
+def smtp_settings(settings: FraudSettings) -> SmtpSettings | None:
+    if not settings.smtp_host:
+        return None
+    return SmtpSettings(
+        host=settings.smtp_host,
+        port=settings.smtp_port,
+        starttls=settings.smtp_starttls,
+        tls=settings.smtp_tls,
+        username=settings.smtp_username,
+        password=settings.smtp_password,
+        sender=settings.smtp_from,
+        timeout_s=settings.smtp_timeout_s,
+    )
+
+
+def settle(result: DeliveryResult, metrics: DeliveryMetrics) -> None:
+    """Delivered, or failed for good (logged and counted by the delivery helper): ack.
+    Still failing after the retry policy's attempts, but transient: raise, so the consumer
+    runtime naks it with backoff (and dead-letters it after topology.MAX_DELIVER deliveries)."""
+    if result.delivered:
+        return
+    totals = {f"{channel}_{outcome}": n for channel, row in metrics.snapshot().items() for outcome, n in row.items()}
+    log.warning("alert_delivery_counters", **totals)
+    if result.error is not None and result.error.transient:
+        raise result.error
 
 
 # -- reading a stream range ------------------------------------------------------------------
@@ -272,4 +308,6 @@ async def wire(broker: NatsBroker, js: JetStreamContext, settings: FraudSettings
     fraud = Fraud(js, settings)
     await fraud.start()
     consume(broker, topology.consumer("fraud"), fraud.on_offered)
+    consume(broker, topology.consumer("fraud-email"), fraud.on_alert_email)
+    consume(broker, topology.consumer("fraud-webhook"), fraud.on_alert_webhook)
     return fraud.stop
