@@ -28,6 +28,7 @@ Message-ID, so a receiver can drop a redelivery (a retry, or a restart that send
 from __future__ import annotations
 
 import asyncio
+import email.policy
 import hashlib
 import random
 import re
@@ -36,7 +37,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.message import EmailMessage
-from email.utils import format_datetime
+from email.utils import format_datetime, getaddresses, parseaddr
 from typing import Literal, TypeAlias
 
 import aiosmtplib
@@ -209,6 +210,12 @@ def render_email(alert: FraudAlert, *, sender: str, to: str) -> EmailMessage:
     return message
 
 
+# Headers are not folded below the RFC 5322 limit of 998: Python folds a subject like ours
+# ("[callplane] ... +48...: ... (threshold 30)") before its first word, which some readers
+# show with a leading space.
+WIRE_POLICY = email.policy.SMTP.clone(max_line_length=998)
+
+
 def _tls_context(settings: SmtpSettings) -> ssl.SSLContext | None:
     return ssl.create_default_context(cafile=settings.ca_file) if settings.ca_file else None
 
@@ -227,10 +234,10 @@ def _smtp_failure(error: BaseException, settings: SmtpSettings) -> DeliveryError
         case aiosmtplib.SMTPResponseException(code=code, message=text):
             kind = "refused the login" if isinstance(error, aiosmtplib.SMTPAuthenticationError) else "answered"
             return fail(f"the SMTP server {kind}: {code} {_one_line(text)}", 400 <= code < 500)
-        case aiosmtplib.SMTPNotSupported():
-            return fail(f"the SMTP server cannot do what the settings require ({error_text(error)})", False)
-        case aiosmtplib.SMTPException() | OSError():  # connect, disconnect, TLS
+        case aiosmtplib.SMTPServerDisconnected() | aiosmtplib.SMTPConnectError() | OSError():  # connect, TLS
             return fail(f"the SMTP exchange failed ({error_text(error)})", True)
+        case aiosmtplib.SMTPException():  # the server cannot do what the settings require (STARTTLS, AUTH)
+            return fail(f"the SMTP server cannot do what the settings require ({error_text(error)})", False)
     return fail(f"the SMTP exchange failed ({type(error).__name__})", False)
 
 
@@ -241,7 +248,9 @@ async def send_email(settings: SmtpSettings, message: EmailMessage) -> None:
     try:
         async with asyncio.timeout(settings.timeout_s):
             await aiosmtplib.send(
-                message,
+                message.as_bytes(policy=WIRE_POLICY),
+                sender=parseaddr(message["From"] or settings.sender)[1],
+                recipients=[address for _name, address in getaddresses(message.get_all("To", []))],
                 hostname=settings.host,
                 port=settings.port,
                 username=settings.username,
