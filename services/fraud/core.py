@@ -11,6 +11,13 @@ into a fresh State gives the same state and the same alerts.
 Detectors, each with its own `rule` in fraud.alert, each switched by `Detectors`:
 
     call_spike        more than X offers within Y minutes to one number (its fraud_alert policy)
+    scanner_sweep     one source IP offering calls to many different numbers within seconds,
+                      or any offer whose User-Agent is a known SIP scanner's; per source IP
+    account_spike     more than N offers within W minutes across all of an account's numbers
+    irsf_destination  more than N outbound offers within W minutes to high-risk (premium,
+                      revenue-share) destination ranges, per account (N = 0: the first alerts)
+    baseline_jump     this minute's offers to a number far above its own baseline: an EWMA of
+                      calls per minute and its EWMA variance, z-score threshold, warm-up
 
 Windows: exact sliding windows on event time, (newest - span, newest]: an offer exactly one
 span older than the newest offer of its window no longer counts. Each window keeps its own
@@ -24,6 +31,10 @@ observes the count at or below it, or finds the window empty (for a threshold of
 Late offers (older than the newest offer of their window): counted in time order if still
 inside the window (the window is evaluated at its newest offer, never moved back), ignored
 by that window otherwise.
+
+Memory: windows keyed by something outside the directory (source IPs, accounts, high-risk
+callers) are dropped once idle for two spans of the newest event time seen; that is exact
+for offers at most one span late. Per-number state lives as long as the number is registered.
 
 A window only ever needs its newest threshold + 1 offers to decide "more than threshold",
 so it keeps no more than that: memory is bounded by thresholds, not by attack traffic.
@@ -40,6 +51,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
+
+import math
+import re
 
 import msgspec
 from msgspec import Meta
@@ -69,6 +83,11 @@ TOP = 5  # tallies per evidence list
 MINUTE_MS = 60_000
 # Offers remembered by call id, so a redelivered call.offered is not counted twice.
 REMEMBERED_CALLS = 100_000
+# baseline_jump keeps this minute's newest offers for the evidence, no more.
+MINUTE_EVIDENCE = 32
+# The baseline a replay rebuilds differs from the live one by at most this weight of history.
+BASELINE_REPLAY_TOLERANCE = 0.01
+NEVER = -(2**62)
 
 # Case-insensitive substrings of the User-Agent of well-known SIP scanners and war diallers.
 SCANNER_USER_AGENTS: tuple[str, ...] = (
@@ -138,9 +157,35 @@ class Window:
     """The newest offers of one sliding window, oldest first, and its episode flag."""
 
     entries: deque[Entry] = field(default_factory=deque)
-    newest: int = -(2**62)  # ms of the newest offer seen: the window's own clock
+    newest: int = NEVER  # ms of the newest offer seen: the window's own clock
     in_episode: bool = False
     threshold: int = 0  # the threshold of the last offer: how many offers are kept
+
+
+@dataclass(slots=True)
+class Sweep:
+    """One source IP's offers within the scanner window."""
+
+    entries: deque[Entry] = field(default_factory=deque)
+    numbers: dict[str, int] = field(default_factory=dict)  # offers per number in the window
+    newest: int = NEVER
+    scanner_at: int = NEVER  # ms of the newest offer with a scanner's user agent
+    user_agent: str = ""  # that user agent
+    in_episode: bool = False
+
+
+@dataclass(slots=True)
+class Baseline:
+    """One number's calls per minute: the current minute and the EWMA of those before."""
+
+    minute: int  # the current minute (ms // 60,000)
+    count: int = 0  # offers in the current minute
+    mean: float = 0.0  # EWMA of completed minutes (zeros since the detector started)
+    var: float = 0.0  # EWMA variance
+    jumped: bool = False  # the current minute is a jump
+    in_episode: bool = False
+    first: Entry | None = None  # the current minute's first offer
+    recent: deque[Entry] = field(default_factory=lambda: deque(maxlen=MINUTE_EVIDENCE))
 
 
 @dataclass(slots=True)
@@ -148,13 +193,19 @@ class NumberInfo:
     account_id: str
     policy: FraudAlertPolicy | None = None
     spike: Window = field(default_factory=Window)
+    baseline: Baseline | None = None
 
 
 @dataclass
 class State:
     numbers: dict[str, NumberInfo] = field(default_factory=dict)  # the directory, by number
     seen: OrderedDict[str, None] = field(default_factory=OrderedDict)  # recent call ids
-    newest: int = -(2**62)  # ms of the newest offer seen by any window
+    newest: int = NEVER  # ms of the newest offer seen by any window
+    origin: int | None = None  # ms of the first offer seen: baselines are zero before it
+    # Least recently touched first, so idle keys are pruned from the front.
+    sweeps: OrderedDict[str, Sweep] = field(default_factory=OrderedDict)  # by source IP
+    accounts: OrderedDict[str, Window] = field(default_factory=OrderedDict)  # by account id
+    irsf: OrderedDict[str, Window] = field(default_factory=OrderedDict)  # by account id (or number)
 
 
 def evolve(state: State, event: AnyEvent) -> State:
@@ -166,7 +217,7 @@ def evolve(state: State, event: AnyEvent) -> State:
         case NumberPolicySet(number=n, policy=p) if n in state.numbers:
             state.numbers[n].policy = p.fraud_alert
         case NumberUnregistered(number=n):
-            state.numbers.pop(n, None)
+            state.numbers.pop(n, None)  # its windows and baseline go with it
     return state
 
 
@@ -183,16 +234,24 @@ def observe(state: State, offer: CallOffered, detectors: Detectors = DEFAULT_DET
     at = to_ms(offer.occurred_at)
     if at > state.newest:
         state.newest = at
+    if state.origin is None:
+        state.origin = at
     number = offer.number
     entry: Entry = (at, offer.call_id, offer.source_ip, remote_prefix(offer), number)
     info = state.numbers.get(number)
-    alerts: list[FraudAlert] = []
-    if info is not None:
-        if detectors.call_spike.enabled and info.policy is not None:
-            alert = _call_spike(info, entry, offer)
-            if alert is not None:
-                alerts.append(alert)
-    return alerts
+    account_id = None if info is None else info.account_id
+    alerts: list[FraudAlert | None] = []
+    if info is not None and info.policy is not None and detectors.call_spike.enabled:
+        alerts.append(_call_spike(info, entry, offer))
+    if detectors.scanner_sweep.enabled and offer.source_ip:
+        alerts.append(_scanner_sweep(state, detectors.scanner_sweep, entry, offer, account_id))
+    if account_id is not None and detectors.account_spike.enabled:
+        alerts.append(_account_spike(state, detectors.account_spike, entry, offer, account_id))
+    if offer.direction == "outbound" and detectors.irsf_destination.enabled:
+        alerts.append(_irsf_destination(state, detectors.irsf_destination, entry, offer, account_id))
+    if info is not None and detectors.baseline_jump.enabled:
+        alerts.append(_baseline_jump(state, detectors.baseline_jump, info, entry, offer))
+    return [a for a in alerts if a is not None]
 
 
 def _call_spike(info: NumberInfo, entry: Entry, offer: CallOffered) -> FraudAlert | None:
@@ -215,6 +274,175 @@ def _call_spike(info: NumberInfo, entry: Entry, offer: CallOffered) -> FraudAler
     )
 
 
+def _scanner_sweep(
+    state: State, config: ScannerSweep, entry: Entry, offer: CallOffered, account_id: str | None
+) -> FraudAlert | None:
+    span, ip = config.window_s * 1000, offer.source_ip
+    _prune(state.sweeps, state.newest - 2 * span)
+    sweep = _touch(state.sweeps, ip, Sweep)
+    at, number = entry[0], entry[4]
+    if at <= sweep.newest - span:
+        return None  # too late for this window
+    if at > sweep.newest:
+        sweep.newest = at
+    entries, numbers = sweep.entries, sweep.numbers
+    edge = sweep.newest - span
+    while entries and entries[0][0] <= edge:
+        gone = entries.popleft()[4]
+        if numbers[gone] == 1:
+            del numbers[gone]
+        else:
+            numbers[gone] -= 1
+    if not entries:
+        sweep.in_episode = False
+    _insert(entries, entry)
+    numbers[number] = numbers.get(number, 0) + 1
+    if offer.user_agent and at > sweep.scanner_at and _is_scanner(config.user_agents, offer.user_agent):
+        sweep.scanner_at, sweep.user_agent = at, clean(offer.user_agent, 200)
+    distinct = len(numbers)
+    by_sweep = distinct >= config.distinct_numbers
+    by_agent = sweep.scanner_at > edge
+    crossed = (by_sweep or by_agent) and not sweep.in_episode
+    sweep.in_episode = by_sweep or by_agent
+    if not crossed:
+        return None
+    if by_sweep:
+        count, threshold = distinct, config.distinct_numbers - 1
+        summary = f"source {ip} offered calls to {distinct} numbers within {_span(span)} (threshold {threshold})"
+    else:
+        count, threshold = len(entries), 0
+        summary = f"known SIP scanner '{sweep.user_agent}' from {ip}: {count} calls within {_span(span)}"
+    return _alert(
+        offer,
+        RULE_SCANNER,
+        account_id,
+        entries,
+        count=count,
+        threshold=threshold,
+        span=span,
+        summary=summary,
+        source_ip=ip,
+        user_agent=sweep.user_agent if by_agent else "",
+        distinct_numbers=distinct,
+    )
+
+
+def _account_spike(
+    state: State, config: AccountSpike, entry: Entry, offer: CallOffered, account_id: str
+) -> FraudAlert | None:
+    span, threshold = config.window_minutes * MINUTE_MS, config.calls
+    _prune(state.accounts, state.newest - 2 * span)
+    window = _touch(state.accounts, account_id, Window)
+    if not slide(window, entry, span, threshold):
+        return None
+    entries = window.entries
+    count, distinct = len(entries), len({e[4] for e in entries})
+    return _alert(
+        offer,
+        RULE_ACCOUNT,
+        account_id,
+        entries,
+        count=count,
+        threshold=threshold,
+        span=span,
+        summary=f"{count} calls to {distinct} numbers of account {account_id} within {_span(span)} (threshold {threshold})",
+        distinct_numbers=distinct,
+    )
+
+
+def _irsf_destination(
+    state: State, config: IrsfDestination, entry: Entry, offer: CallOffered, account_id: str | None
+) -> FraudAlert | None:
+    prefix = _high_risk(config.prefixes, offer.to)
+    if prefix is None:
+        return None
+    span, threshold = config.window_minutes * MINUTE_MS, config.calls
+    _prune(state.irsf, state.newest - 2 * span)
+    window = _touch(state.irsf, account_id or offer.number, Window)
+    if not slide(window, entry, span, threshold):
+        return None
+    entries, count = window.entries, len(window.entries)
+    who = f"account {account_id}" if account_id else offer.number
+    return _alert(
+        offer,
+        RULE_IRSF,
+        account_id,
+        entries,
+        count=count,
+        threshold=threshold,
+        span=span,
+        summary=(
+            f"{count} outbound calls from {who} to high-risk destinations within {_span(span)}"
+            f" (threshold {threshold}), latest {offer.to} in {prefix}"
+        ),
+        destination_prefix=prefix,
+    )
+
+
+def _baseline_jump(
+    state: State, config: BaselineJump, info: NumberInfo, entry: Entry, offer: CallOffered
+) -> FraudAlert | None:
+    at = entry[0]
+    minute = at // MINUTE_MS
+    b = info.baseline
+    if b is None:
+        b = info.baseline = Baseline(minute=minute)  # zero calls a minute since the origin
+    if minute < b.minute:
+        return None  # late: its minute is already folded into the baseline
+    if minute > b.minute:
+        _close_minutes(b, minute, config.alpha)
+    b.count += 1
+    if b.first is None:
+        b.first = entry
+    b.recent.append(entry)
+    assert state.origin is not None
+    if b.jumped or b.count < config.min_calls or minute - state.origin // MINUTE_MS < config.warmup_minutes:
+        return None
+    sd = max(math.sqrt(b.var), 1.0)  # at least one call a minute: a flat baseline is not a zero deviation
+    z = (b.count - b.mean) / sd
+    if z < config.z_score:
+        return None
+    b.jumped = True
+    if b.in_episode:
+        return None  # the jump goes on from the minute before
+    b.in_episode = True
+    threshold = max(config.min_calls, math.ceil(b.mean + config.z_score * sd)) - 1
+    recent = list(b.recent) if len(b.recent) == b.count else [b.first, *b.recent]
+    return _alert(
+        offer,
+        RULE_BASELINE,
+        info.account_id,
+        sorted(recent, key=lambda e: e[0]),
+        count=b.count,
+        threshold=threshold,
+        span=MINUTE_MS,
+        summary=(
+            f"{b.count} calls to {offer.number} within 1 min against a baseline of {b.mean:.1f}/min"
+            f" (z {z:.1f}, threshold z {config.z_score:g})"
+        ),
+        baseline_per_minute=round(b.mean, 3),
+        z_score=round(z, 2),
+    )
+
+
+def _close_minutes(b: Baseline, minute: int, alpha: float) -> None:
+    """Fold the current minute and the empty minutes up to `minute` into the EWMA."""
+    gap = minute - b.minute - 1  # minutes without a call in between
+    b.in_episode = b.jumped and gap == 0  # an episode lasts while every minute jumps
+    diff = b.count - b.mean
+    incr = alpha * diff
+    b.mean += incr
+    b.var = (1 - alpha) * (b.var + diff * incr)
+    if gap:
+        # `gap` zero minutes folded one by one give, with f = (1 - alpha) ** gap:
+        # mean' = f * mean, var' = f * (var + mean^2 * (1 - f))
+        f = (1 - alpha) ** gap
+        b.var = f * (b.var + b.mean * b.mean * (1 - f))
+        b.mean *= f
+    b.minute, b.count, b.jumped, b.first = minute, 0, False, None
+    b.recent.clear()
+
+
 def slide(window: Window, entry: Entry, span: int, threshold: int) -> bool:
     """Add one offer to a window of `span` ms; True when it starts an episode (alert)."""
     at = entry[0]
@@ -232,17 +460,69 @@ def slide(window: Window, entry: Entry, span: int, threshold: int) -> bool:
     while len(entries) > keep:
         entries.popleft()  # with this offer, the newest threshold + 1 decide "more than threshold"
     window.threshold = threshold
-    if not entries or at >= entries[-1][0]:
-        entries.append(entry)
-    else:  # late but inside: insert in time order (after offers of the same ms)
-        i = len(entries)
-        while i > 0 and entries[i - 1][0] > at:
-            i -= 1
-        entries.insert(i, entry)
+    _insert(entries, entry)
     above = len(entries) > threshold
     crossed = above and not window.in_episode
     window.in_episode = above
     return crossed
+
+
+def _insert(entries: deque[Entry], entry: Entry) -> None:
+    """Append in time order; a late offer goes after the offers of its own ms."""
+    at = entry[0]
+    if not entries or at >= entries[-1][0]:
+        entries.append(entry)
+        return
+    i = len(entries)
+    while i > 0 and entries[i - 1][0] > at:
+        i -= 1
+    entries.insert(i, entry)
+
+
+def _touch(windows: OrderedDict, key: str, new: type):  # type: ignore[type-arg]
+    window = windows.get(key)
+    if window is None:
+        window = windows[key] = new()
+    else:
+        windows.move_to_end(key)
+    return window
+
+
+def _prune(windows: OrderedDict, idle_before: int) -> None:  # type: ignore[type-arg]
+    """Drop least recently touched windows whose newest offer is at or before `idle_before`."""
+    while windows:
+        key, window = next(iter(windows.items()))
+        if window.newest > idle_before:
+            return
+        del windows[key]
+
+
+_scanner_patterns: dict[tuple[str, ...], re.Pattern[str]] = {}
+_prefix_sets: dict[tuple[str, ...], tuple[frozenset[str], tuple[int, ...]]] = {}
+
+
+def _is_scanner(user_agents: tuple[str, ...], user_agent: str) -> bool:
+    pattern = _scanner_patterns.get(user_agents)
+    if pattern is None:
+        if len(_scanner_patterns) > 16:
+            _scanner_patterns.clear()
+        alternatives = "|".join(re.escape(u) for u in user_agents if u) or r"(?!)"
+        pattern = _scanner_patterns[user_agents] = re.compile(alternatives, re.IGNORECASE)
+    return pattern.search(user_agent) is not None
+
+
+def _high_risk(prefixes: tuple[str, ...], destination: str) -> str | None:
+    """The longest high-risk prefix `destination` starts with, if any."""
+    known = _prefix_sets.get(prefixes)
+    if known is None:
+        if len(_prefix_sets) > 16:
+            _prefix_sets.clear()
+        known = _prefix_sets[prefixes] = (frozenset(prefixes), tuple(sorted({len(p) for p in prefixes}, reverse=True)))
+    members, lengths = known
+    for length in lengths:
+        if destination[:length] in members:
+            return destination[:length]
+    return None
 
 
 # -- evidence ----------------------------------------------------------------------
@@ -330,4 +610,23 @@ def horizon(detectors: Detectors, state: State) -> timedelta:
     spans = [0]
     if detectors.call_spike.enabled:
         spans += [i.policy.window_minutes * MINUTE_MS for i in state.numbers.values() if i.policy is not None]
+    if detectors.scanner_sweep.enabled:
+        spans.append(detectors.scanner_sweep.window_s * 1000)
+    if detectors.account_spike.enabled:
+        spans.append(detectors.account_spike.window_minutes * MINUTE_MS)
+    if detectors.irsf_destination.enabled:
+        spans.append(detectors.irsf_destination.window_minutes * MINUTE_MS)
+    if detectors.baseline_jump.enabled:
+        spans.append(baseline_memory(detectors.baseline_jump) * MINUTE_MS)
     return timedelta(milliseconds=max(spans))
+
+
+def baseline_memory(config: BaselineJump) -> int:
+    """Minutes of history a replay needs for baseline_jump: the warm-up, and enough minutes
+    that the history before them weighs at most BASELINE_REPLAY_TOLERANCE in the EWMA
+    (a replay starts the baseline at zero), plus the current minute."""
+    if config.alpha >= 1:
+        fading = 1
+    else:
+        fading = math.ceil(math.log(BASELINE_REPLAY_TOLERANCE) / math.log(1 - config.alpha))
+    return max(config.warmup_minutes, fading) + 1
