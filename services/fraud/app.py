@@ -54,7 +54,7 @@ from schemas import (
 
 from . import core
 from .config import FraudSettings
-from .delivery import AlertDelivery, DeliveryMetrics, DeliveryResult, SmtpSettings
+from .delivery import AlertDelivery, DeliveryMetrics, DeliveryResult, RetryPolicy, SmtpSettings
 
 log = structlog.get_logger()
 
@@ -68,7 +68,10 @@ class Fraud:
         js: JetStreamContext,
         settings: FraudSettings | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        retry: RetryPolicy = RetryPolicy(),
     ) -> None:
+        """`retry`: how often and how long one delivery is retried in process before the
+        alert is nak'd (and redelivered by JetStream later)."""
         self.js = js
         self.settings = settings or FraudSettings()
         self.clock = clock
@@ -88,6 +91,7 @@ class Fraud:
             webhook_secret=self.settings.fraud_webhook_secret,
             webhook_timeout_s=self.settings.fraud_webhook_timeout_ms / 1000,
             allow_private=self.settings.fraud_webhook_allow_private,
+            policy=retry,
             metrics=DeliveryMetrics(),
             clock=clock,
         )
@@ -207,6 +211,12 @@ class Fraud:
             settle(await self.delivery.webhook(event, url), self.delivery.metrics)
         return []
 
+    def register(self, broker: NatsBroker) -> None:
+        """Detection and one consumer per delivery channel, each its own durable."""
+        consume(broker, topology.consumer("fraud"), self.on_offered)
+        consume(broker, topology.consumer("fraud-email"), self.on_alert_email)
+        consume(broker, topology.consumer("fraud-webhook"), self.on_alert_webhook)
+
 
 def smtp_settings(settings: FraudSettings) -> SmtpSettings | None:
     if not settings.smtp_host:
@@ -307,7 +317,5 @@ def _aware(when: datetime) -> datetime:
 async def wire(broker: NatsBroker, js: JetStreamContext, settings: FraudSettings):
     fraud = Fraud(js, settings)
     await fraud.start()
-    consume(broker, topology.consumer("fraud"), fraud.on_offered)
-    consume(broker, topology.consumer("fraud-email"), fraud.on_alert_email)
-    consume(broker, topology.consumer("fraud-webhook"), fraud.on_alert_webhook)
+    fraud.register(broker)
     return fraud.stop
