@@ -3,9 +3,11 @@
     .venv/bin/python bench/gc_pause.py [--decisions 20000,100000]
 
 Imports what `python -m services.gatekeeper` imports, then folds offers through the pure
-core (`decide` + `evolve`, no NATS) so the gatekeeper's state holds as many remembered
-decisions as asked, and times `gc.collect()` (best of 3) at each size, then after
-`gc.freeze()`. No NATS server is needed; nothing in services/ or callplane/ changes.
+core as the gatekeeper does (`decide`, `complete` with a granted hold, `answered` at once
+as for auto_answer calls, each folded in with `evolve`; no NATS, no call ends) so the
+state holds as many remembered final decisions and slots in use as asked, and times
+`gc.collect()` (best of 3) at each size, then after `gc.freeze()`. No NATS server is
+needed; nothing in services/ or callplane/ changes.
 """
 
 from __future__ import annotations
@@ -58,7 +60,13 @@ def main() -> None:
         while decided < size:
             offer = CallOffered(event_id=f"e{decided}", occurred_at=ts, call_id=f"c{decided}", to=number,
                                 from_="+15551234567")
-            core.evolve(state, core.decide(state, offer, now=now))
+            provisional = core.decide(state, offer, now=now)
+            core.evolve(state, provisional)
+            hold = core.Held(f"hold_c{decided}", None)
+            final = core.complete(provisional, hold=hold, now=now)
+            core.evolve(state, final)
+            if final.auto_answer:  # as the gatekeeper does: answered at once, no longer ringing
+                core.evolve(state, core.answered(final, now=now))
             decided += 1
         held = len(remembered) if remembered is not None else 0
         print(f"after {decided:,} decisions ({held:,} remembered): {len(gc.get_objects()):,} tracked objects, "

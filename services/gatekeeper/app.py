@@ -5,13 +5,19 @@ calls: slots in use, windows, calls still ringing), so a restarted gatekeeper de
 exactly as it would have without the restart. Then, per offered call: checks 1-9 (core),
 a credit hold from the meter (request/reply with a deadline), the pre-call webhook if
 configured, and the final decision, published with the call's later lifecycle events.
+
+Credit holds are batched: the holds wanted by offers admitted provisionally in the same
+turn of the event loop go to the meter as one `hold_credits` request (one alone goes as
+`hold_credit`), so a burst of offers costs one round trip, and a lone offer waits for
+nothing. A meter that does not handle `hold_credits` yet answers it `invalid`: that
+batch is asked again one hold at a time, and batching pauses for a while.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import msgspec
@@ -35,12 +41,13 @@ from schemas import (
     Event,
     Reply,
     command_name,
+    decode,
     decode_reply,
     derived_id,
     encode_message,
     rpc,
 )
-from schemas.commands import AnswerCall, HoldCredit
+from schemas.commands import AnswerCall, HoldCredit, HoldCredits
 
 from .config import GatekeeperSettings
 from .webhook import Decline, Failed, Proceed, WebhookSettings, call_pre_call_webhook, make_client
@@ -60,6 +67,105 @@ from .core import (
 )
 
 log = structlog.get_logger()
+
+HOLD_BATCH_MAX = 1000  # holds per hold_credits request (schemas.commands.HoldCredits)
+# After the meter answered hold_credits `invalid` as a command it does not handle (a meter
+# older than the command), holds go one by one for this long before a batch is tried again.
+HOLD_BATCH_RETRY_S = 60.0
+
+
+def hold_outcome(reply: Reply) -> HoldOutcome:
+    """The meter's answer to one hold, for the core. Anything but a hold or a refusal the
+    core knows is no answer: never admit on a guess."""
+    if reply.ok and reply.hold is not None:
+        return Held(reply.hold.hold_id, reply.hold.max_duration_s)
+    if reply.code in ("insufficient_credits", "daily_voice_cap"):
+        return HoldRefused(reply.code)
+    return HoldUnanswered()
+
+
+class MeterHolds:
+    """Credit holds from the meter, batched per turn of the event loop.
+
+    `hold(command)` queues the request and returns a future of its outcome; the first
+    request of a turn schedules the flush with `call_soon`, which runs after every handler
+    started in that turn reached its first await. Each hold keeps its own deadline
+    (`timeout_s` from when it was asked for); a hold not answered by then is HoldUnanswered.
+    """
+
+    def __init__(self, nc: Client, timeout_s: float, *, batching: bool = True) -> None:
+        self.nc = nc
+        self.timeout_s = timeout_s
+        self.batching = batching
+        self._queued: list[tuple[HoldCredit, float, asyncio.Future[HoldOutcome]]] = []
+        self._tasks: set[asyncio.Task] = set()
+        self._singles_until = 0.0  # the meter refused hold_credits: one by one until then
+
+    def hold(self, command: HoldCredit) -> asyncio.Future[HoldOutcome]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[HoldOutcome] = loop.create_future()
+        if not self._queued:
+            loop.call_soon(self._flush)
+        self._queued.append((command, loop.time() + self.timeout_s, future))
+        return future
+
+    def _flush(self) -> None:
+        queued, self._queued = self._queued, []
+        loop = asyncio.get_running_loop()
+        if len(queued) > 1 and self.batching and loop.time() >= self._singles_until:
+            sends = [self._batch(queued[i : i + HOLD_BATCH_MAX]) for i in range(0, len(queued), HOLD_BATCH_MAX)]
+        else:
+            sends = [self._single(*item) for item in queued]
+        for send in sends:
+            task = loop.create_task(send)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _single(self, command: HoldCredit, deadline: float, future: asyncio.Future[HoldOutcome]) -> None:
+        _settle(future, await self._ask(command, deadline, single=True))
+
+    async def _batch(self, batch: list[tuple[HoldCredit, float, asyncio.Future[HoldOutcome]]]) -> None:
+        command = HoldCredits(requests=[item[0] for item in batch])
+        reply = await self._ask(command, min(item[1] for item in batch), single=False)
+        if isinstance(reply, Reply) and not reply.ok and reply.code == "invalid":
+            # Not understood as a batch: ask for each hold on its own, within its own deadline.
+            if reply.rule == "known_command":
+                self._singles_until = asyncio.get_running_loop().time() + HOLD_BATCH_RETRY_S
+                log.info("meter_hold_batches_refused", retry_in_s=HOLD_BATCH_RETRY_S)
+            await asyncio.gather(*(self._single(*item) for item in batch))
+            return
+        replies = reply.replies if isinstance(reply, Reply) and reply.ok else None
+        if replies is None or len(replies) != len(batch):
+            outcomes: list[HoldOutcome] = [HoldUnanswered()] * len(batch)  # no answer, or not one per hold
+        else:
+            outcomes = [hold_outcome(one) for one in replies]
+        for (_, _, future), outcome in zip(batch, outcomes, strict=True):
+            _settle(future, outcome)
+
+    async def _ask(self, command: HoldCredit | HoldCredits, deadline: float, *, single: bool) -> Reply | HoldOutcome:
+        """The meter's reply (a single hold's outcome when `single`), or HoldUnanswered."""
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            return HoldUnanswered()
+        try:
+            response = await self.nc.request(
+                rpc("meter", command_name(type(command))), encode_message(command), timeout=remaining
+            )
+            reply = decode_reply(response.data)
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, msgspec.DecodeError):
+            return HoldUnanswered()
+        return hold_outcome(reply) if single else reply
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=1.0)
+
+
+def _settle(future: asyncio.Future[HoldOutcome], outcome: HoldOutcome) -> None:
+    if not future.done():  # its handler may have been cancelled meanwhile
+        future.set_result(outcome)
 
 
 class Gatekeeper:
@@ -82,6 +188,7 @@ class Gatekeeper:
         keys = self.settings.callplane_secret_keys
         self.box = SecretBox.from_keys(keys) if keys else None
         self._secrets: dict[str, str] = {}  # secret_ref -> webhook signing secret, opened once
+        self.holds = MeterHolds(self.nc, self.settings.hold_timeout_ms / 1000, batching=self.settings.hold_batching)
 
     async def start(self) -> None:
         """Rebuild the state from the streams, then keep the lifecycle clock ticking."""
@@ -96,6 +203,7 @@ class Gatekeeper:
     async def stop(self) -> None:
         if self._ticker:
             self._ticker.cancel()
+        await self.holds.stop()
         await self.http.aclose()
         await self.numbers.stop()
         await self.accounts.stop()
@@ -109,9 +217,8 @@ class Gatekeeper:
         return []
 
     async def admit(self, offer: CallOffered) -> list[Event]:
-        earlier = self.state.decided.get(offer.call_id)
-        if isinstance(earlier, CallRejected) or (isinstance(earlier, CallAccepted) and earlier.hold_id):
-            return self._outputs(earlier)  # a redelivery: the same final decision again
+        if (known := self.state.decided.get(offer.call_id)) is not None:
+            return self._outputs(decode(known))  # a redelivery: the same final decision again
         provisional = decide(self.state, offer, now=self.clock())
         evolve(self.state, provisional)  # takes the slot before any await: exact under concurrency
         if isinstance(provisional, CallRejected):
@@ -134,22 +241,9 @@ class Gatekeeper:
             return [final, pickup]
         return [final]
 
-    async def request_hold(self, provisional: CallAccepted) -> HoldOutcome:
+    def request_hold(self, provisional: CallAccepted) -> Awaitable[HoldOutcome]:
         command = HoldCredit(call_id=provisional.call_id, account_id=provisional.account_id, number=provisional.number)
-        try:
-            response = await self.nc.request(
-                rpc("meter", command_name(HoldCredit)),
-                encode_message(command),
-                timeout=self.settings.hold_timeout_ms / 1000,
-            )
-            reply = decode_reply(response.data)
-        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, msgspec.DecodeError):
-            return HoldUnanswered()
-        if reply.ok and reply.hold is not None:
-            return Held(reply.hold.hold_id, reply.hold.max_duration_s)
-        if reply.code in ("insufficient_credits", "daily_voice_cap"):
-            return HoldRefused(reply.code)
-        return HoldUnanswered()
+        return self.holds.hold(command)
 
     async def ask_webhook(self, offer: CallOffered, provisional: CallAccepted) -> WebhookVerdict | None:
         """The account's pre-call webhook, if it has one (inbound calls only)."""

@@ -109,7 +109,7 @@ def test_an_answered_call_never_becomes_missed():
 def test_a_slot_whose_end_event_was_lost_is_freed_when_its_lease_runs_out():
     state = line(max_concurrent_calls=1)
     admit(state, hold=Held("hold_1", 300))
-    evolve(state, answered(state.decided["call_1"], now=T0))
+    evolve(state, answered(state.decision("call_1"), now=T0))
     lease_end = T0 + timedelta(seconds=RING_TIMEOUT_S + 300 + LEASE_GRACE_S)
     assert outcome(admit(state, "call_2", now=lease_end - timedelta(seconds=1))) == ("busy", 486)
     later = admit(state, "call_3", now=lease_end)

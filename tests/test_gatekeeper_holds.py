@@ -1,0 +1,229 @@
+"""Credit holds batched per turn of the event loop, against a stand-in meter on a real
+nats-server: offers admitted together cost one hold_credits request, counting stays
+exact, and a batch is never an excuse to admit on a guess."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import pytest
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from schemas import (
+    CallAccepted,
+    CallOffered,
+    CallRejected,
+    NumberAssigned,
+    NumberPolicySet,
+    NumberRegistered,
+    Reply,
+    SecurityPolicy,
+    decode_command,
+    encode_message,
+    rpc,
+    timestamp,
+)
+from schemas.commands import HoldCredit, HoldCredits, HoldView
+from services.gatekeeper import app
+from services.gatekeeper.app import Gatekeeper
+from services.gatekeeper.config import GatekeeperSettings
+from services.gatekeeper.core import evolve
+
+NUMBER = "+48123456789"
+ACCOUNT = "acct_holds"
+
+
+class StandInMeter:
+    """Answers rpc.meter.hold_credit and rpc.meter.hold_credits as told, and records them.
+
+    mode: "grant" (every hold), "old" (hold_credits refused as a command it does not
+    handle, as a meter before hold_credits), "silent" (never answers), "short" (a
+    hold_credits reply with one answer too few). `refuse`: call ids refused for credit.
+    """
+
+    def __init__(self, nc: Client, mode: str = "grant", refuse: frozenset[str] = frozenset()) -> None:
+        self.nc, self.mode, self.refuse = nc, mode, refuse
+        self.singles: list[str] = []  # call ids asked for with hold_credit
+        self.batches: list[list[str]] = []  # call ids of each hold_credits request
+
+    async def start(self) -> None:
+        await self.nc.subscribe(rpc("meter", "hold_credit"), cb=self.on_single)
+        await self.nc.subscribe(rpc("meter", "hold_credits"), cb=self.on_batch)
+        await self.nc.flush()
+
+    def answer(self, command: HoldCredit) -> Reply:
+        if command.call_id in self.refuse:
+            return Reply(ok=False, code="insufficient_credits", message="hold refused: insufficient_credits")
+        return Reply(ok=True, hold=HoldView(hold_id=f"hold_{command.call_id}", amount_millicredits=100, max_duration_s=600))
+
+    async def on_single(self, msg: Msg) -> None:
+        command = decode_command(msg.data)
+        assert isinstance(command, HoldCredit)
+        self.singles.append(command.call_id)
+        if self.mode != "silent":
+            await msg.respond(encode_message(self.answer(command)))
+
+    async def on_batch(self, msg: Msg) -> None:
+        command = decode_command(msg.data)
+        assert isinstance(command, HoldCredits)
+        self.batches.append([r.call_id for r in command.requests])
+        if self.mode == "silent":
+            return
+        if self.mode == "old":
+            reply = Reply(ok=False, code="invalid", message="the meter does not handle hold_credits", field="command",
+                          rule="known_command")
+        else:
+            replies = [self.answer(r) for r in command.requests]
+            reply = Reply(ok=True, replies=replies[:-1] if self.mode == "short" else replies)
+        await msg.respond(encode_message(reply))
+
+
+@pytest.fixture
+async def gatekeeper(js: JetStreamContext) -> AsyncIterator[Gatekeeper]:
+    keeper = Gatekeeper(js, GatekeeperSettings(hold_timeout_ms=300))
+    yield keeper
+    await keeper.holds.stop()
+    await keeper.http.aclose()
+
+
+def with_cap(keeper: Gatekeeper, cap: int | None) -> None:
+    now = timestamp(datetime.now(UTC))
+    for event in (
+        NumberRegistered(event_id="r", occurred_at=now, number=NUMBER, number_id="pn_1", account_id=ACCOUNT,
+                         provider="sip_trunk"),
+        NumberAssigned(event_id="a", occurred_at=now, number=NUMBER, agent_id="agent_1"),
+        NumberPolicySet(event_id="p", occurred_at=now, number=NUMBER, policy=SecurityPolicy(max_concurrent_calls=cap),
+                        policy_version=1),
+    ):
+        evolve(keeper.state, event)
+
+
+def offers(first: int, count: int) -> list[CallOffered]:
+    now = timestamp(datetime.now(UTC))
+    return [
+        CallOffered(event_id=f"ev_{i}", occurred_at=now, call_id=f"call_{i}", to=NUMBER, from_="+15551234567")
+        for i in range(first, first + count)
+    ]
+
+
+async def simultaneously(keeper: Gatekeeper, batch: list[CallOffered]) -> dict[str, CallAccepted | CallRejected]:
+    """Every offer's handler started in the same turn of the event loop, as the consumer
+    runtime starts the messages of one delivery."""
+    handlers = asyncio.gather(*(keeper.on_call_event(offer, None) for offer in batch))  # type: ignore[arg-type]
+    outputs = await asyncio.wait_for(handlers, 5)  # a hold never settled would hang its call
+    decisions = {}
+    for produced in outputs:
+        decision = produced[0]
+        assert isinstance(decision, CallAccepted | CallRejected)
+        decisions[decision.call_id] = decision
+    return decisions
+
+
+def reasons(decisions: dict[str, CallAccepted | CallRejected]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for decision in decisions.values():
+        key = "accepted" if isinstance(decision, CallAccepted) else decision.reason
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize(("offered", "cap"), [(20, 7), (5, 10), (12, 12), (40, 1)])
+async def test_offers_admitted_together_cost_one_request_and_exactly_min_n_c_are_admitted(
+    gatekeeper: Gatekeeper, nc: Client, offered: int, cap: int
+) -> None:
+    meter = StandInMeter(nc)
+    await meter.start()
+    with_cap(gatekeeper, cap)
+    decisions = await simultaneously(gatekeeper, offers(0, offered))
+    admitted = min(offered, cap)
+    assert reasons(decisions) == {"accepted": admitted, **({"busy": offered - admitted} if offered > admitted else {})}
+    for decision in decisions.values():
+        if isinstance(decision, CallAccepted):
+            assert (decision.hold_id, decision.max_duration_s) == (f"hold_{decision.call_id}", 600)
+    if admitted > 1:
+        assert (len(meter.batches), meter.singles) == (1, [])
+        assert sorted(meter.batches[0]) == sorted(c for c, d in decisions.items() if isinstance(d, CallAccepted))
+    else:
+        assert (meter.batches, len(meter.singles)) == ([], 1)  # a lone hold goes as hold_credit
+
+
+async def test_each_answer_of_a_batch_decides_its_own_call_and_a_refusal_frees_its_slot(
+    gatekeeper: Gatekeeper, nc: Client
+) -> None:
+    meter = StandInMeter(nc, refuse=frozenset({"call_1", "call_3"}))
+    await meter.start()
+    with_cap(gatekeeper, 4)
+    decisions = await simultaneously(gatekeeper, offers(0, 6))
+    assert {c: d.reason for c, d in decisions.items() if isinstance(d, CallRejected)} == {
+        "call_1": "insufficient_credits",
+        "call_3": "insufficient_credits",
+        "call_4": "busy",
+        "call_5": "busy",
+    }
+    # The two refused after the hold freed their slots: two more get in, and no more.
+    later = await simultaneously(gatekeeper, offers(6, 3))
+    assert reasons(later) == {"accepted": 2, "busy": 1}
+    assert reasons(decisions | later)["accepted"] == 4
+
+
+async def test_a_batch_not_answered_in_time_refuses_each_of_its_calls_billing_unavailable(
+    gatekeeper: Gatekeeper, nc: Client
+) -> None:
+    meter = StandInMeter(nc, mode="silent")
+    await meter.start()
+    with_cap(gatekeeper, 5)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    decisions = await simultaneously(gatekeeper, offers(0, 8))
+    assert loop.time() - started < 0.3 + 0.25  # one deadline for the batch, not one per call in turn
+    assert reasons(decisions) == {"billing_unavailable": 5, "busy": 3}
+    assert all(d.sip_status == 503 for d in decisions.values() if d.reason == "billing_unavailable")
+    assert len(meter.batches) == 1
+    # Never admitted: their slots are free again.
+    meter.mode = "grant"
+    assert reasons(await simultaneously(gatekeeper, offers(8, 5))) == {"accepted": 5}
+
+
+async def test_a_batch_reply_without_one_answer_per_hold_admits_none_of_them(gatekeeper: Gatekeeper, nc: Client) -> None:
+    meter = StandInMeter(nc, mode="short")
+    await meter.start()
+    with_cap(gatekeeper, None)
+    assert reasons(await simultaneously(gatekeeper, offers(0, 4))) == {"billing_unavailable": 4}
+
+
+async def test_a_meter_without_hold_credits_gets_the_holds_one_by_one_until_batches_are_tried_again(
+    gatekeeper: Gatekeeper, nc: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    meter = StandInMeter(nc, mode="old")
+    await meter.start()
+    with_cap(gatekeeper, 3)
+    decisions = await simultaneously(gatekeeper, offers(0, 5))
+    assert reasons(decisions) == {"accepted": 3, "busy": 2}
+    assert (len(meter.batches), sorted(meter.singles)) == (1, sorted(meter.batches[0]))
+    # Batching pauses: the next burst goes one by one at once, without a refused batch first.
+    with_cap(gatekeeper, None)
+    assert reasons(await simultaneously(gatekeeper, offers(5, 4))) == {"accepted": 4}
+    assert (len(meter.batches), len(meter.singles)) == (1, 7)
+    # Once the pause is over, a batch is tried again (the meter may have been upgraded).
+    monkeypatch.setattr(app, "HOLD_BATCH_RETRY_S", 0.0)
+    gatekeeper.holds._singles_until = 0.0
+    meter.mode = "grant"
+    assert reasons(await simultaneously(gatekeeper, offers(9, 4))) == {"accepted": 4}
+    assert (len(meter.batches), len(meter.singles)) == (2, 7)
+
+
+async def test_hold_batching_off_asks_one_by_one(js: JetStreamContext, nc: Client) -> None:
+    keeper = Gatekeeper(js, GatekeeperSettings(hold_batching=False))
+    try:
+        meter = StandInMeter(nc)
+        await meter.start()
+        with_cap(keeper, None)
+        assert reasons(await simultaneously(keeper, offers(0, 3))) == {"accepted": 3}
+        assert (meter.batches, len(meter.singles)) == ([], 3)
+    finally:
+        await keeper.holds.stop()
+        await keeper.http.aclose()
