@@ -75,12 +75,17 @@ from schemas import (  # noqa: E402
     Decision,
     NumberAssigned,
     NumberRegistered,
+    Reply,
     decode,
+    decode_command,
     derived_id,
     encode,
+    encode_message,
+    rpc,
     subject_for,
     timestamp,
 )
+from schemas.commands import HoldCredit, HoldCredits, HoldView  # noqa: E402
 from tests.nats_server import local_server, nats_server_binary  # noqa: E402
 
 NUMBER = "+48123456789"
@@ -418,11 +423,21 @@ class GcWatch:
 
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc), in seconds."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
 class Env:
     def __init__(self, url: str, server_pid: int, log_level: str) -> None:
         self.url, self.server_pid, self.log_level = url, server_pid, log_level
         self.nc: Client | None = None
         self.js: JetStreamContext | None = None
+        self.meter: StandInMeter | None = None
 
     async def connect(self) -> None:
         self.nc = await nats.connect(self.url, name="bench-control")
@@ -445,11 +460,25 @@ class Env:
         return json.loads(response.data)["state"]
 
     def server_cpu_s(self) -> float:
-        try:
-            fields = Path(f"/proc/{self.server_pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, IndexError, ValueError):
-            return float("nan")
+        return process_cpu_s(self.server_pid)
+
+    async def decision_subjects(self) -> dict[str, int]:
+        """Decisions stored in CALLS, by subject (call.accepted.<number>, call.rejected.<number>)."""
+        request = json.dumps({"subjects_filter": "call.*.*"}).encode()
+        response = await self.nc.request(f"$JS.API.STREAM.INFO.{STREAM}", request, timeout=5)
+        subjects = json.loads(response.data)["state"].get("subjects") or {}
+        return {s: n for s, n in subjects.items() if s.split(".")[1] in ("accepted", "rejected")}
+
+    async def last_decision_ts(self, subjects: dict[str, int]) -> float:
+        """The server's time of the last stored decision (epoch seconds; 0.0 if none)."""
+        last = 0.0
+        for subject in subjects:
+            got = await self.nc.request(
+                f"$JS.API.DIRECT.GET.{STREAM}", json.dumps({"last_by_subj": subject}).encode(), timeout=5
+            )
+            if got.headers and "Nats-Time-Stamp" in got.headers:
+                last = max(last, parse_server_ts(got.headers["Nats-Time-Stamp"]))
+        return last
 
     def sut(self, kind: str, batch: int) -> Baseline | RuntimeBaseline | ShippedGatekeeper:
         if kind == "gatekeeper":
@@ -466,17 +495,18 @@ def parse_server_ts(value: str) -> float:
     return datetime.fromisoformat(whole).replace(tzinfo=UTC).timestamp() + (float(f"0.{fraction}") if fraction else 0.0)
 
 
-async def wait_drained(env: Env, offers: int, deadline: float) -> tuple[bool, dict]:
-    """Until CALLS holds a decision per offer and the durable has nothing pending or unacked."""
-    state: dict = {}
+async def wait_drained(env: Env, offers: int, deadline: float) -> tuple[bool, dict[str, int]]:
+    """Until CALLS holds a decision per offer and the durable has nothing pending or unacked
+    (an accepted call's call.answered comes back to the durable too)."""
+    subjects: dict[str, int] = {}
     while True:
-        state = await env.stream_state()
-        if state["messages"] >= 2 * offers:
+        subjects = await env.decision_subjects()
+        if sum(subjects.values()) >= offers:
             info = await env.js.consumer_info(STREAM, DURABLE)
             if info.num_pending == 0 and info.num_ack_pending == 0:
-                return True, state
+                return True, subjects
         if time.monotonic() > deadline:
-            return False, state
+            return False, subjects
         await asyncio.sleep(0.02)
 
 
@@ -565,6 +595,7 @@ class Saturation:
     redelivered: int
     gc: dict
     verification: Verification
+    meter: dict  # the stand-in meter during the phase: requests, holds, holds per request, CPU
 
 
 async def saturation(env: Env, kind: str, n: int, batch: int, timeout: float, profile: bool) -> Saturation:
@@ -582,6 +613,7 @@ async def saturation(env: Env, kind: str, n: int, batch: int, timeout: float, pr
     profiler = cProfile.Profile() if profile else None
     hops = count_thread_hops() if profile else contextlib.nullcontext(Counter())
     watch = GcWatch()
+    meter0 = await meter_snapshot(env)
     cpu0, server0 = time.process_time(), env.server_cpu_s()
     wall0, t0 = time.time(), time.monotonic()
     if profiler:
@@ -595,6 +627,7 @@ async def saturation(env: Env, kind: str, n: int, batch: int, timeout: float, pr
             if profiler:
                 profiler.disable()
             cpu, server = time.process_time() - cpu0, env.server_cpu_s() - server0
+            meter = meter_delta(meter0, await meter_snapshot(env), n)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(sut.stop(), 10)
     if profiler:
@@ -604,8 +637,8 @@ async def saturation(env: Env, kind: str, n: int, batch: int, timeout: float, pr
             print(f"  {count:8d}  {name}", file=sys.stderr)
         if PROFILE_OUT:
             profiler.dump_stats(PROFILE_OUT)
-    decisions = state["messages"] - n
-    elapsed = parse_server_ts(state["last_ts"]) - wall0 if completed else drained
+    decisions = sum(state.values())
+    elapsed = await env.last_decision_ts(state) - wall0 if completed else drained
     info = await env.js.consumer_info(STREAM, DURABLE)
     return Saturation(
         consumer=sut.label,
@@ -620,6 +653,7 @@ async def saturation(env: Env, kind: str, n: int, batch: int, timeout: float, pr
         redelivered=info.num_redelivered or 0,
         gc=watch.summary(),
         verification=await verify(env, [o[3] for o in offers]),
+        meter=meter,
     )
 
 
@@ -643,6 +677,7 @@ class Latency:
     redelivered: int
     gc: dict
     verification: Verification
+    meter: dict
     error: str = ""
 
 
@@ -653,9 +688,11 @@ async def latency(env: Env, kind: str, rate: float, seconds: float, batch: int, 
     gc.collect()  # start from a clean heap, as a freshly started service would
     watch = GcWatch()
     watch.__enter__()
+    meter0 = await meter_snapshot(env)
     await sut.start()
     tag = f"l{kind[:2]}"
     driver: dict = {}
+    meter: dict = {}
     error = ""
     sent, completed = 0, False
     try:
@@ -682,6 +719,7 @@ async def latency(env: Env, kind: str, rate: float, seconds: float, batch: int, 
             await proc.wait()
         sent = driver.get("offers_sent", 0)
         completed, _ = await wait_drained(env, sent, time.monotonic() + timeout) if sent else (False, {})
+        meter = meter_delta(meter0, await meter_snapshot(env), sent)
     finally:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(sut.stop(), 10)
@@ -708,8 +746,114 @@ async def latency(env: Env, kind: str, rate: float, seconds: float, batch: int, 
         redelivered=info.num_redelivered or 0,
         gc=watch.summary(),
         verification=await verify(env, [f"{tag}-{i}" for i in range(sent)]),
+        meter=meter,
         error=error,
     )
+
+
+# -- the stand-in meter (a separate process) ----------------------------------------
+
+METER_STATS = "bench.meter.stats"  # the stand-in meter answers its counters here
+HOLD_MILLICREDITS = 1_000
+
+
+def _held(command: HoldCredit) -> Reply:
+    hold = HoldView(hold_id=f"hold_{command.call_id}", amount_millicredits=HOLD_MILLICREDITS)
+    return Reply(ok=True, hold=hold)
+
+
+async def serve_meter(url: str, mode: str) -> None:
+    """A raw nats-py responder standing in for the meter's credit holds, so that the
+    gatekeeper admits calls. It grants every hold (no ledger). mode `batch` answers
+    hold_credit and hold_credits; `single` answers hold_credits as a meter that does not
+    handle it (`invalid`, like callplane.commands.serve_commands). Prints `ready` once
+    subscribed and runs until its stdin closes."""
+    nc = await nats.connect(url, name="bench-meter")
+    counts: Counter[str] = Counter()
+
+    async def on_hold(msg: Msg) -> None:
+        command = decode_command(msg.data)
+        counts["requests"] += 1
+        counts["holds"] += 1
+        await msg.respond(encode_message(_held(command)))
+
+    async def on_holds(msg: Msg) -> None:
+        command = decode_command(msg.data)
+        if mode != "batch" or not isinstance(command, HoldCredits):
+            counts["refused_batches"] += 1
+            message = "the meter does not handle hold_credits"
+            reply = Reply(ok=False, code="invalid", message=message, field="command", rule="known_command")
+            await msg.respond(encode_message(reply))
+            return
+        counts["requests"] += 1
+        counts["batches"] += 1
+        counts["holds"] += len(command.requests)
+        counts["largest_batch"] = max(counts["largest_batch"], len(command.requests))
+        await msg.respond(encode_message(Reply(ok=True, replies=[_held(r) for r in command.requests])))
+
+    async def on_stats(msg: Msg) -> None:
+        await msg.respond(json.dumps(dict(counts)).encode())
+
+    await nc.subscribe(rpc("meter", "hold_credit"), cb=on_hold)
+    await nc.subscribe(rpc("meter", "hold_credits"), cb=on_holds)
+    await nc.subscribe(METER_STATS, cb=on_stats)
+    await nc.flush()
+    print("ready", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the bench closes it
+    await nc.close()
+
+
+class StandInMeter:
+    """The stand-in meter process, started once per run (`--meter batch|single`)."""
+
+    def __init__(self, url: str, mode: str) -> None:
+        self.url, self.mode = url, mode
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(Path(__file__).resolve()), "--meter-process", self.url, "--meter", self.mode,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        )
+        line = await asyncio.wait_for(self.proc.stdout.readline(), 30)
+        if line.strip() != b"ready":
+            raise RuntimeError(f"the stand-in meter did not start: {line!r}")
+
+    async def stop(self) -> None:
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        self.proc.stdin.close()
+        try:
+            await asyncio.wait_for(self.proc.wait(), 10)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+
+    def cpu_s(self) -> float:
+        return process_cpu_s(self.proc.pid) if self.proc else float("nan")
+
+
+async def meter_snapshot(env: Env) -> dict:
+    """The stand-in meter's counters and CPU time so far (empty without a meter)."""
+    if env.meter is None:
+        return {}
+    response = await env.nc.request(METER_STATS, b"", timeout=5)
+    return {**json.loads(response.data), "cpu_s": env.meter.cpu_s()}
+
+
+def meter_delta(before: dict, after: dict, offers: int) -> dict:
+    if not after:
+        return {}
+    requests = after.get("requests", 0) - before.get("requests", 0)
+    holds = after.get("holds", 0) - before.get("holds", 0)
+    return {
+        "requests": requests,
+        "holds": holds,
+        "batches": after.get("batches", 0) - before.get("batches", 0),
+        "refused_batches": after.get("refused_batches", 0) - before.get("refused_batches", 0),
+        "holds_per_request": holds / requests if requests else 0.0,
+        "cpu_us_per_offer": (after["cpu_s"] - before["cpu_s"]) / offers * 1e6 if offers else float("nan"),
+    }
 
 
 # -- the latency driver (a separate process) ----------------------------------------
@@ -883,6 +1027,14 @@ def gc_text(g: dict) -> str:
     return f"{g['full_collections']:>3} x, max {g['full_max_ms']:5.1f} ms; any: max {g.get('max_ms', 0.0):5.1f} ms"
 
 
+def meter_text(consumer: str, m: dict) -> str:
+    refused = f", {m['refused_batches']} hold_credits refused as invalid" if m["refused_batches"] else ""
+    return (
+        f"  stand-in meter, {consumer}: {m['holds']:,} holds in {m['requests']:,} requests "
+        f"({m['holds_per_request']:.1f} per request{refused}), meter CPU {fmt(m['cpu_us_per_offer'], 1)} us/offer"
+    )
+
+
 def report(results: dict) -> str:
     m, opts = results["machine"], results["options"]
     lines = [
@@ -894,7 +1046,8 @@ def report(results: dict) -> str:
         + (f" + {m['uncommitted_changes_in_measured_code']} uncommitted files in services/ callplane/ schemas/"
            if m["uncommitted_changes_in_measured_code"] else " (services/ callplane/ schemas/ unmodified)")
         + f"; load average before the run: {results['load_before']}",
-        f"gatekeeper LOG_LEVEL={opts['log_level']} (JSON lines to a file); run took {results['run_s']:.1f} s",
+        f"gatekeeper LOG_LEVEL={opts['log_level']} (JSON lines to a file); stand-in meter: {opts['meter']}; "
+        f"run took {results['run_s']:.1f} s",
         "",
         f"Saturation: {opts['offers']:,} offers pre-published to CALLS, then drained by the consumer under test",
         f"  {'consumer':<34}{'decisions/s':>12}{'elapsed':>9}{'acked':>8}{'CPU us/offer':>14}{'server':>8}"
@@ -909,6 +1062,10 @@ def report(results: dict) -> str:
             + ("" if s["completed"] else "   TIMED OUT")
         )
         verifications.append((f"saturation {s['consumer']}", s, ""))
+    for s in results["saturation"]:
+        if m := s.get("meter"):
+            if m["holds"] or m["refused_batches"]:
+                lines.append(meter_text(s["consumer"], m))
     if ratio := results.get("ratio"):
         lines += [
             "",
@@ -932,6 +1089,9 @@ def report(results: dict) -> str:
         wire = f"; decisions seen twice on the wire: {r['duplicates_on_wire']}" if r["duplicates_on_wire"] else ""
         problem = r["error"] or ("" if r["completed"] else "INCOMPLETE (decisions missing or not acked in time)")
         verifications.append((f"latency    {r['consumer']}", r, "; ".join(x for x in (problem, wire) if x)))
+    for r in results["latency"]:
+        if (m := r.get("meter")) and (m["holds"] or m["refused_batches"]):
+            lines.append(meter_text(r["consumer"], m))
     gk = next((r for r in results["latency"] if r["consumer"].startswith("gatekeeper")), None)
     if gk:
         ok = gk["p99_ms"] <= TARGET_P99_MS
@@ -957,6 +1117,9 @@ async def run(args: argparse.Namespace, url: str, server_pid: int) -> dict:
     env = Env(url, server_pid, args.log_level)
     await env.connect()
     results: dict = {"saturation": [], "latency": []}
+    if args.meter != "none":
+        env.meter = StandInMeter(url, args.meter)
+        await env.meter.start()
     try:
         for kind in args.consumers:
             print(f"saturation: {kind} ...", file=sys.stderr)
@@ -969,6 +1132,8 @@ async def run(args: argparse.Namespace, url: str, server_pid: int) -> dict:
                               args.batch if kind != "fetch" else args.fetch_batch, args.timeout)
             results["latency"].append(asdict(r))
     finally:
+        if env.meter:
+            await env.meter.stop()
         await env.nc.close()
     return results
 
@@ -1023,8 +1188,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=["pull", "fetch", "runtime", "gatekeeper"],
         help="which consumers to measure, comma-separated (default pull,fetch,runtime,gatekeeper)",
     )
-    # internal: the latency driver process
+    parser.add_argument(
+        "--meter",
+        choices=("batch", "single", "none"),
+        default="batch",
+        help="the stand-in meter: grants hold_credit and hold_credits (batch, default), grants hold_credit "
+        "only and answers hold_credits `invalid` (single), or no meter: every hold unanswered (none)",
+    )
+    # internal: the latency driver and stand-in meter processes
     parser.add_argument("--driver", metavar="URL", help=argparse.SUPPRESS)
+    parser.add_argument("--meter-process", metavar="URL", help=argparse.SUPPRESS)
     parser.add_argument("--tag", default="l", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -1035,6 +1208,9 @@ def main(argv: list[str] | None = None) -> None:
     PROFILE_OUT = args.profile_out or ""
     if args.driver:
         print(json.dumps(asyncio.run(drive(args.driver, args.rate, args.seconds, args.tag))))
+        return
+    if args.meter_process:
+        asyncio.run(serve_meter(args.meter_process, args.meter))
         return
 
     started = time.monotonic()
@@ -1064,6 +1240,7 @@ def main(argv: list[str] | None = None) -> None:
         "log_level": args.log_level,
         "batch": args.batch,
         "fetch_batch": args.fetch_batch,
+        "meter": args.meter,
     }
     results["run_s"] = time.monotonic() - started
     results["load_before"] = load_before
