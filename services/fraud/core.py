@@ -456,12 +456,12 @@ def slide(window: Window, entry: Entry, span: int, threshold: int) -> bool:
         entries.popleft()
     if not entries:
         window.in_episode = False  # the window emptied: whatever episode there was is over
-    keep = max(threshold, window.threshold)  # a lowered threshold trims after this offer
-    while len(entries) > keep:
-        entries.popleft()  # with this offer, the newest threshold + 1 decide "more than threshold"
-    window.threshold = threshold
     _insert(entries, entry)
     above = len(entries) > threshold
+    keep = max(threshold, window.threshold) + 1  # a lowered threshold trims from the next offer on
+    while len(entries) > keep:
+        entries.popleft()  # the newest threshold + 1 decide "more than threshold"
+    window.threshold = threshold
     crossed = above and not window.in_episode
     window.in_episode = above
     return crossed
@@ -605,20 +605,25 @@ def from_ms(ms: int) -> str:
 
 
 def horizon(detectors: Detectors, state: State) -> timedelta:
-    """How far before the last processed offer a replay must start so that every window
-    (and baseline) in use is rebuilt; alerts raised by replayed offers were sent already."""
-    spans = [0]
+    """How far before the last processed offer a replay must start so that every window,
+    episode and baseline in use is rebuilt; alerts raised by replayed offers were sent already.
+
+    Two spans per window: the next offer's window reaches one span back, and whether the
+    window is in an episode was decided at the offer before it, whose window reaches one
+    span further. (An offer later than the last processed one by more than a span may
+    still see a different state.) The baseline is rebuilt to within
+    BASELINE_REPLAY_TOLERANCE of its weight."""
+    windows = [0]
     if detectors.call_spike.enabled:
-        spans += [i.policy.window_minutes * MINUTE_MS for i in state.numbers.values() if i.policy is not None]
+        windows += [i.policy.window_minutes * MINUTE_MS for i in state.numbers.values() if i.policy is not None]
     if detectors.scanner_sweep.enabled:
-        spans.append(detectors.scanner_sweep.window_s * 1000)
+        windows.append(detectors.scanner_sweep.window_s * 1000)
     if detectors.account_spike.enabled:
-        spans.append(detectors.account_spike.window_minutes * MINUTE_MS)
+        windows.append(detectors.account_spike.window_minutes * MINUTE_MS)
     if detectors.irsf_destination.enabled:
-        spans.append(detectors.irsf_destination.window_minutes * MINUTE_MS)
-    if detectors.baseline_jump.enabled:
-        spans.append(baseline_memory(detectors.baseline_jump) * MINUTE_MS)
-    return timedelta(milliseconds=max(spans))
+        windows.append(detectors.irsf_destination.window_minutes * MINUTE_MS)
+    memory = baseline_memory(detectors.baseline_jump) * MINUTE_MS if detectors.baseline_jump.enabled else 0
+    return timedelta(milliseconds=max(2 * max(windows), memory))
 
 
 def baseline_memory(config: BaselineJump) -> int:

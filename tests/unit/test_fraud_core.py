@@ -28,6 +28,7 @@ from services.fraud.core import (
     ScannerSweep,
     State,
     evolve,
+    horizon,
 )
 from services.fraud.core import observe as observe_all
 
@@ -313,3 +314,32 @@ def test_a_redelivered_offer_is_not_counted_twice():
     offers = [offered(T0 + n * S, call_id=f"c{n}") for n in range(3)]
     assert [observe(state, o) for o in offers + offers] == [None] * 6
     assert observe(state, offered(T0 + 4 * S, call_id="c3")) is not None
+
+
+# -- replay from the horizon ---------------------------------------------------------------
+
+
+def test_a_replay_from_the_horizon_keeps_an_episode_decided_before_it():
+    """Offers to the number at 0 and 1.5 min (X = 1, Y = 2 min: an alert at 1.5), then another
+    number's offer at 2.5 min is the last processed before a restart. The episode at 1.5 was
+    decided over (-0.5, 1.5], so a replay must reach 2 windows back, not 1: else the offer at
+    3 min, still in that episode, would alert a second time."""
+    other = "+48987654321"
+
+    def events():
+        state = State()
+        for event in (registered(), registered(other), policy_set(spike_policy(calls=1, window_minutes=2))):
+            evolve(state, event)
+        return state
+
+    offers = [offered(T0, "a1"), offered(T0 + 90 * S, "a2"), offered(T0 + 150 * S, "b1", number=other)]
+    live = events()
+    assert [len(observe_all(live, o, ONLY_SPIKE)) for o in offers] == [0, 1, 0]
+    replayed = events()
+    since = T0 + 150 * S - horizon(ONLY_SPIKE, replayed)
+    assert since <= T0 - 90 * S  # two windows
+    for o in offers:
+        if datetime.fromisoformat(o.occurred_at) >= since:
+            observe_all(replayed, o, ONLY_SPIKE)
+    later = offered(T0 + 180 * S, "a3")
+    assert observe_all(live, later, ONLY_SPIKE) == observe_all(replayed, later, ONLY_SPIKE) == []

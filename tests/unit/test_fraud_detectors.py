@@ -347,10 +347,12 @@ def test_defaults_run_every_detector():
     assert rules == {"scanner_sweep", "account_spike", "irsf_destination"}
 
 
-def test_horizon_is_the_longest_window_in_use():
+def test_horizon_is_twice_the_longest_window_in_use_or_the_baseline_memory():
     state = directory({"acct_a": [1]})
     assert horizon(OFF, state) == timedelta(0)
-    assert horizon(only(irsf_destination=IrsfDestination(window_minutes=90)), state) == timedelta(minutes=90)
+    assert horizon(only(irsf_destination=IrsfDestination(window_minutes=90)), state) == timedelta(minutes=180)
+    assert horizon(only(scanner_sweep=ScannerSweep(window_s=45)), state) == timedelta(seconds=90)
     baseline = BaselineJump(warmup_minutes=15, alpha=0.1)
     assert baseline_memory(baseline) == 45  # 0.9^44 < 1% of the weight left before the replay
-    assert horizon(Detectors(baseline_jump=baseline), state) == timedelta(minutes=60)  # irsf's hour
+    assert horizon(only(baseline_jump=baseline), state) == timedelta(minutes=45)
+    assert horizon(Detectors(baseline_jump=baseline), state) == timedelta(minutes=120)  # irsf's hour, twice
