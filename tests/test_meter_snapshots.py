@@ -44,7 +44,10 @@ class Ledger:
 
     def applied(self, consumer: str) -> None:
         self.sequence[consumer] += 7  # other subjects interleave in the stream: gaps are normal
-        ledger.mark_applied(self.con, f"evt_{consumer}_{self.sequence[consumer]}", consumer, self.sequence[consumer])
+        self.con.execute(
+            "INSERT INTO applied_events VALUES (?, ?, ?)",
+            [f"evt_{consumer}_{self.sequence[consumer]}", consumer, self.sequence[consumer]],
+        )
 
     def account(self, account_id: str, timezone: str, balance: int = 1_000_000) -> None:
         self.con.execute(

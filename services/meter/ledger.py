@@ -1,8 +1,11 @@
 """The meter's DuckDB ledger: accounts, calls and ledger entries, written exactly once.
 
-Each source event is applied in one transaction together with a tracking row (its
-event id and stream position), so a redelivered or duplicated event changes nothing.
-The ledger.* events a source event produced are stored with it (an outbox) and
+The books live in memory (`books.Books`); `write` stores a batch of their changes in one
+transaction: new ledger rows and the tracking rows of the source events applied (event id
+and stream position), appended, and the present state of the accounts, calls and holds they
+changed, upserted, each table with one appender (row-at-a-time inserts run ~1,200 rows/s;
+an appender ~300,000). A redelivered or duplicated event is known by its id and changes
+nothing. The ledger.* events a source event produced are stored with it (an outbox) and
 re-published on redelivery, so a crash between commit and publish loses none.
 """
 
@@ -11,6 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import duckdb
+
+from .books import ACCOUNT_COLUMNS, CALL_COLUMNS, CALL_FIELDS, HOLD_COLUMNS, Account, Batch, Books, Call, Hold
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS accounts (
@@ -116,12 +121,71 @@ def connect(path: Path | str) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def already_applied(con: duckdb.DuckDBPyConnection, event_id: str) -> bool:
-    return bool(con.execute("SELECT 1 FROM applied_events WHERE event_id = ?", [event_id]).fetchall())
+def load(con: duckdb.DuckDBPyConnection) -> Books:
+    """The books as the database has them: every account, the calls still in progress, the
+    open holds, the ids of the events applied, and each capped account's recent voice seconds."""
+    books = Books()
+    for row in con.execute(f"SELECT {', '.join(ACCOUNT_COLUMNS)} FROM accounts").fetchall():
+        account = Account(*row)
+        books.accounts[account.account_id] = account
+    for row in con.execute(f"SELECT {', '.join(HOLD_COLUMNS)} FROM holds WHERE status = 'open'").fetchall():
+        hold = Hold(*row)
+        books.holds[hold.call_id] = hold
+        if hold.account_id in books.accounts:
+            books.accounts[hold.account_id].held += hold.amount
+    for row in con.execute(f"{_SELECT_CALLS} WHERE NOT ended AND status = 'accepted'").fetchall():
+        books.calls[row[0]] = _call(row)
+    books.applied = {event_id for (event_id,) in con.execute("SELECT event_id FROM applied_events").fetchall()}
+    for account_id, day, seconds in con.execute(
+        """SELECT l.account_id, CAST(timezone(a.timezone, l.occurred_at) AS DATE), sum(l.charged_s)
+           FROM ledger l JOIN accounts a USING (account_id)
+           WHERE l.kind = 'charged' AND l.charged_s > 0 AND a.daily_voice_cap_s IS NOT NULL
+             AND l.occurred_at > now() - INTERVAL 3 DAY
+           GROUP BY ALL"""
+    ).fetchall():
+        books.accounts[account_id].voice_s[day] = int(seconds)
+
+    def find_call(call_id: str) -> Call | None:
+        rows = con.execute(f"{_SELECT_CALLS} WHERE call_id = ?", [call_id]).fetchall()
+        return _call(rows[0]) if rows else None
+
+    books.find_call = find_call
+    return books
 
 
-def mark_applied(con: duckdb.DuckDBPyConnection, event_id: str, consumer: str, sequence: int) -> None:
-    con.execute("INSERT INTO applied_events VALUES (?, ?, ?)", [event_id, consumer, sequence])
+# Timestamps leave DuckDB as text (TIMESTAMPTZ values would need pytz), in the wire's format.
+_WIRE_TIME = "strftime({0} AT TIME ZONE 'UTC', '%Y-%m-%dT%H:%M:%S.%gZ')"
+_SELECT_CALLS = "SELECT {}, epoch(answered_at) FROM calls".format(
+    ", ".join(_WIRE_TIME.format(c) if c.endswith("_at") else c for c in CALL_COLUMNS)
+)
+
+
+def _call(row: tuple) -> Call:
+    *columns, answered_s = row
+    return Call(**dict(zip(CALL_FIELDS, columns, strict=True)), answered_s=answered_s)
+
+
+def write(con: duckdb.DuckDBPyConnection, batch: Batch) -> None:
+    """Store one batch of the books' changes in one transaction (all of it, or none)."""
+    con.begin()
+    try:
+        for table, rows, options in (
+            ("ledger", batch.ledger, {}),
+            ("applied_events", batch.applied, {}),
+            ("accounts", batch.accounts, {"columns": ACCOUNT_COLUMNS, "action": "upsert"}),
+            ("calls", batch.calls, {"columns": CALL_COLUMNS, "action": "upsert"}),
+            # Two unique keys (hold_id, call_id) rule out an upsert: delete, then insert.
+            ("holds", [(row[0],) for row in batch.holds], {"action": "delete", "key": ["hold_id"]}),
+            ("holds", batch.holds, {"columns": HOLD_COLUMNS}),
+        ):
+            if rows:
+                appender = con.appender(table, **options)
+                appender.append_rows(rows)
+                appender.flush()
+        con.commit()
+    except BaseException:
+        con.rollback()
+        raise
 
 
 def outbox(con: duckdb.DuckDBPyConnection, source_event_id: str) -> list[str]:
