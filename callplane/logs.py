@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
+from typing import Any
 
+import msgspec
 import structlog
 from structlog.contextvars import bind_contextvars, bound_contextvars, clear_contextvars
 
@@ -23,7 +26,7 @@ def configure(service: str, level: str = "info", *, json: bool | None = None) ->
         event_dict.setdefault("service", service)
         return event_dict
 
-    renderer = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
+    renderer = structlog.processors.JSONRenderer(_json_line) if json else structlog.dev.ConsoleRenderer()
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -38,6 +41,13 @@ def configure(service: str, level: str = "info", *, json: bool | None = None) ->
         cache_logger_on_first_use=True,
     )
     return structlog.get_logger()
+
+
+def _json_line(event_dict: dict, *, default: Callable[[Any], Any] | None = None) -> str:
+    """JSONRenderer's serializer: msgspec renders a line ~10x faster than json.dumps (about
+    4 us of a decision's ~15 us log line in the gatekeeper, bench/README.md); values it cannot
+    encode go through structlog's fallback (`default`: __structlog__, then repr)."""
+    return msgspec.json.encode(event_dict, enc_hook=default).decode()
 
 
 def get_logger(**bound: object) -> structlog.stdlib.BoundLogger:
