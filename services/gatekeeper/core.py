@@ -22,7 +22,7 @@ import ipaddress
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, time, timedelta
+from datetime import UTC, datetime, time, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
@@ -207,6 +207,14 @@ def _fold_decision(state: State, decision: CallAccepted | CallRejected) -> None:
             _withdraw(line.admitted, call_id)
 
 
+def _timestamp(now: datetime) -> str:
+    """`schemas.timestamp(now)` (RFC 3339 UTC, milliseconds), formatted by `isoformat`:
+    about half the cost of strftime, twice per admitted call."""
+    if now.tzinfo is None:
+        return timestamp(now)  # raises: a naive datetime would be read as local time
+    return now.astimezone(UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+
+
 def _parse_timestamp(value: str) -> datetime:
     """The wire's RFC 3339 UTC timestamp (schemas.timestamp) as an aware datetime.
     `datetime.fromisoformat` reads it ~50x faster than `schemas.parse_timestamp` (strptime)."""
@@ -255,7 +263,7 @@ def decide(state: State, offer: CallOffered, *, now: datetime) -> CallAccepted |
             return _refuse(offer.call_id, number, offer.event_id, reason, version, checks, now)
 
     account = state.accounts.get(line.account_id)
-    stamp = timestamp(now)
+    stamp = _timestamp(now)
     return CallAccepted(
         event_id=derived_id(offer.event_id, "decision"),
         occurred_at=stamp,
@@ -327,7 +335,7 @@ def due(state: State, now: datetime) -> list[CallMissed]:
             missed.append(
                 CallMissed(
                     event_id=derived_id(accepted.event_id, "missed"),
-                    occurred_at=timestamp(now),
+                    occurred_at=_timestamp(now),
                     call_id=accepted.call_id,
                     number=accepted.number,
                 )
@@ -339,7 +347,7 @@ def answered(accepted: CallAccepted, *, now: datetime) -> CallAnswered:
     """call.answered for a call the agent picks up (at once when auto_answer)."""
     return CallAnswered(
         event_id=derived_id(accepted.event_id, "answered"),
-        occurred_at=timestamp(now),
+        occurred_at=_timestamp(now),
         call_id=accepted.call_id,
         number=accepted.number,
     )
@@ -348,7 +356,7 @@ def answered(accepted: CallAccepted, *, now: datetime) -> CallAnswered:
 def _refuse(call_id, number, source_id, reason, version, checks, now, event_id=None) -> CallRejected:  # noqa: ANN001
     return CallRejected(
         event_id=event_id or derived_id(source_id, "decision"),
-        occurred_at=timestamp(now),
+        occurred_at=_timestamp(now),
         call_id=call_id,
         number=number,
         reason=reason,
@@ -515,5 +523,5 @@ def system_variables(offer: CallOffered, agent_id: str, now: datetime, stamp: st
         "system__called_number": offer.to,
         "system__call_sid": offer.call_id,
         "system__agent_id": agent_id,
-        "system__time_utc": stamp or timestamp(now),
+        "system__time_utc": stamp or _timestamp(now),
     }

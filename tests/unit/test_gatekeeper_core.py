@@ -585,3 +585,27 @@ def test_an_unknown_timezone_in_opening_hours_refuses_instead_of_raising():
     result = decide(state, offer(), now=T0)
     assert outcome(result) == ("outside_hours", 480)
     assert "unknown timezone" in result.decision.checks[-1].inputs["error"]
+
+
+# -- the core's fast timestamp formatting and parsing equal the wire's own ---------------
+
+
+@given(
+    st.datetimes(min_value=datetime(1970, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.timezones()),
+)
+@settings(max_examples=300)
+def test_the_cores_timestamps_are_the_wires_timestamps(when: datetime) -> None:
+    from schemas import parse_timestamp
+    from services.gatekeeper.core import _parse_timestamp, _timestamp
+
+    text = timestamp(when)
+    assert _timestamp(when) == text
+    assert _parse_timestamp(text) == parse_timestamp(text)
+    assert _parse_timestamp(text).tzinfo == parse_timestamp(text).tzinfo
+
+
+def test_a_naive_now_is_refused_not_read_as_local_time() -> None:
+    from services.gatekeeper.core import _timestamp
+
+    with pytest.raises(ValueError, match="aware"):
+        _timestamp(datetime(2026, 5, 4, 12, 0))
