@@ -15,6 +15,10 @@ Patches:
                    as there when not given)
   no-gc            gc.disable() for the whole run (an upper bound for the GC settings)
   batch=N          callplane.broker.consume's default in-flight window (DEFAULT_BATCH)
+  no-pickup        the gatekeeper publishes call.accepted without the auto_answer call.answered
+                   (which its own durable also delivers back to it): measurement only, calls
+                   would ring until missed
+  no-hold-batching the gatekeeper asks the meter for each hold on its own (HOLD_BATCHING=false)
 
 (The FastStream-era patches of the first version of this script, no-thread-hop,
 raw-decoder and no-puback-wait, measured costs of a path that is gone: see the history
@@ -31,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-PATCHES = ("none", "default-gc", "no-freeze", "gc-threshold", "no-gc", "batch")
+PATCHES = ("none", "default-gc", "no-freeze", "gc-threshold", "no-gc", "batch", "no-pickup", "no-hold-batching")
 
 
 def default_gc() -> None:
@@ -60,6 +64,23 @@ def batch(value: str) -> None:
     callplane.broker.consume.__kwdefaults__["batch"] = int(value)
 
 
+def no_pickup() -> None:
+    from services.gatekeeper.app import Gatekeeper
+
+    Gatekeeper._outputs = lambda self, final: [final]
+
+
+def no_hold_batching() -> None:
+    import services.gatekeeper.config as config
+
+    original = config.GatekeeperSettings
+
+    class Unbatched(original, frozen=True, kw_only=True):
+        hold_batching: bool = False
+
+    config.GatekeeperSettings = Unbatched
+
+
 def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
         print(__doc__)
@@ -79,6 +100,10 @@ def main() -> None:
             gc.disable()
         elif name == "batch":
             batch(value)
+        elif name == "no-pickup":
+            no_pickup()
+        elif name == "no-hold-batching":
+            no_hold_batching()
     from bench import admission
 
     admission.ShippedGatekeeper.label = f"gatekeeper + {'+'.join(chosen)}"
