@@ -46,14 +46,14 @@ plus one: a lower bound, still above the new threshold.)
 
 from __future__ import annotations
 
+import functools
+import math
+import re
 from collections import Counter, OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
-
-import math
-import re
 
 import msgspec
 from msgspec import Meta
@@ -281,21 +281,17 @@ def _scanner_sweep(
     _prune(state.sweeps, state.newest - 2 * span)
     sweep = _touch(state.sweeps, ip, Sweep)
     at, number = entry[0], entry[4]
-    if at <= sweep.newest - span:
-        return None  # too late for this window
-    if at > sweep.newest:
-        sweep.newest = at
-    entries, numbers = sweep.entries, sweep.numbers
-    edge = sweep.newest - span
-    while entries and entries[0][0] <= edge:
-        gone = entries.popleft()[4]
-        if numbers[gone] == 1:
-            del numbers[gone]
+    numbers = sweep.numbers
+
+    def gone(old: Entry) -> None:
+        if numbers[old[4]] == 1:
+            del numbers[old[4]]
         else:
-            numbers[gone] -= 1
-    if not entries:
-        sweep.in_episode = False
-    _insert(entries, entry)
+            numbers[old[4]] -= 1
+
+    if not _enter(sweep, entry, span, gone):
+        return None  # too late for this window
+    entries, edge = sweep.entries, sweep.newest - span
     numbers[number] = numbers.get(number, 0) + 1
     if offer.user_agent and at > sweep.scanner_at and _is_scanner(config.user_agents, offer.user_agent):
         sweep.scanner_at, sweep.user_agent = at, clean(offer.user_agent, 200)
@@ -445,18 +441,9 @@ def _close_minutes(b: Baseline, minute: int, alpha: float) -> None:
 
 def slide(window: Window, entry: Entry, span: int, threshold: int) -> bool:
     """Add one offer to a window of `span` ms; True when it starts an episode (alert)."""
-    at = entry[0]
-    if at <= window.newest - span:
-        return False  # too late: already outside the window, which never moves back
-    if at > window.newest:
-        window.newest = at
+    if not _enter(window, entry, span):
+        return False
     entries = window.entries
-    edge = window.newest - span
-    while entries and entries[0][0] <= edge:
-        entries.popleft()
-    if not entries:
-        window.in_episode = False  # the window emptied: whatever episode there was is over
-    _insert(entries, entry)
     above = len(entries) > threshold
     keep = max(threshold, window.threshold) + 1  # a lowered threshold trims from the next offer on
     while len(entries) > keep:
@@ -465,6 +452,27 @@ def slide(window: Window, entry: Entry, span: int, threshold: int) -> bool:
     crossed = above and not window.in_episode
     window.in_episode = above
     return crossed
+
+
+def _enter(window: Window | Sweep, entry: Entry, span: int, gone: Callable[[Entry], None] | None = None) -> bool:
+    """Move the window's clock up to the offer, drop the offers that fell out of the span
+    (`gone` sees each), and insert the offer in time order. False, and nothing changed,
+    when the offer is too late: already outside the window, which never moves back."""
+    at = entry[0]
+    if at <= window.newest - span:
+        return False
+    if at > window.newest:
+        window.newest = at
+    entries = window.entries
+    edge = window.newest - span
+    while entries and entries[0][0] <= edge:
+        old = entries.popleft()
+        if gone is not None:
+            gone(old)
+    if not entries:
+        window.in_episode = False  # the window emptied: whatever episode there was is over
+    _insert(entries, entry)
+    return True
 
 
 def _insert(entries: deque[Entry], entry: Entry) -> None:
@@ -497,28 +505,24 @@ def _prune(windows: OrderedDict, idle_before: int) -> None:  # type: ignore[type
         del windows[key]
 
 
-_scanner_patterns: dict[tuple[str, ...], re.Pattern[str]] = {}
-_prefix_sets: dict[tuple[str, ...], tuple[frozenset[str], tuple[int, ...]]] = {}
+@functools.lru_cache(maxsize=16)
+def _scanner_pattern(user_agents: tuple[str, ...]) -> re.Pattern[str]:
+    return re.compile("|".join(re.escape(u) for u in user_agents if u) or r"(?!)", re.IGNORECASE)
 
 
 def _is_scanner(user_agents: tuple[str, ...], user_agent: str) -> bool:
-    pattern = _scanner_patterns.get(user_agents)
-    if pattern is None:
-        if len(_scanner_patterns) > 16:
-            _scanner_patterns.clear()
-        alternatives = "|".join(re.escape(u) for u in user_agents if u) or r"(?!)"
-        pattern = _scanner_patterns[user_agents] = re.compile(alternatives, re.IGNORECASE)
-    return pattern.search(user_agent) is not None
+    return _scanner_pattern(user_agents).search(user_agent) is not None
+
+
+@functools.lru_cache(maxsize=16)
+def _prefix_index(prefixes: tuple[str, ...]) -> tuple[frozenset[str], tuple[int, ...]]:
+    """The prefixes as a set, and their lengths, longest first."""
+    return frozenset(prefixes), tuple(sorted({len(p) for p in prefixes}, reverse=True))
 
 
 def _high_risk(prefixes: tuple[str, ...], destination: str) -> str | None:
     """The longest high-risk prefix `destination` starts with, if any."""
-    known = _prefix_sets.get(prefixes)
-    if known is None:
-        if len(_prefix_sets) > 16:
-            _prefix_sets.clear()
-        known = _prefix_sets[prefixes] = (frozenset(prefixes), tuple(sorted({len(p) for p in prefixes}, reverse=True)))
-    members, lengths = known
+    members, lengths = _prefix_index(prefixes)
     for length in lengths:
         if destination[:length] in members:
             return destination[:length]
