@@ -131,7 +131,9 @@ def render(alert: FraudAlert) -> str:
     if ev.top_source_ips:
         lines.append("  top source IPs: " + ", ".join(f"{t.value} ({t.count})" for t in ev.top_source_ips))
     if ev.top_caller_prefixes:
-        lines.append("  top caller prefixes: " + ", ".join(f"{t.value} ({t.count})" for t in ev.top_caller_prefixes))
+        # The other party's prefix: the caller of an inbound call, the destination of an outbound one.
+        prefixes = ", ".join(f"{t.value} ({t.count})" for t in ev.top_caller_prefixes)
+        lines.append(f"  top remote-party prefixes (the caller, or the destination of an outbound call): {prefixes}")
     details = [
         ("source IP", ev.source_ip),
         ("user agent", ev.user_agent),

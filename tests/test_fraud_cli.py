@@ -47,7 +47,7 @@ async def test_alerts_are_listed_with_their_evidence_newest_last_and_filtered(na
     assert table.stdout.index("call_spike  +48123456789  11 > 10 in 5 min") < table.stdout.index("scanner_sweep")
     assert "first call call_a at 2026-05-04T11:58:00.000Z; last call call_k at 2026-05-04T12:01:00.000Z" in table.stdout
     assert "top source IPs: 203.0.113.7 (9), 198.51.100.2 (2)" in table.stdout
-    assert "top caller prefixes: +4420 (11)" in table.stdout
+    assert "top remote-party prefixes (the caller, or the destination of an outbound call): +4420 (11)" in table.stdout
     assert "source IP 203.0.113.7; user agent friendly-scanner; numbers touched 12" in table.stdout
     assert "11 calls to +48123456789 within 5 min (threshold 10)" in table.stdout
 

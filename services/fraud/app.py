@@ -201,13 +201,13 @@ class Fraud:
 
     async def on_alert_email(self, event: AnyEvent, _meta: Msg.Metadata) -> list[Event]:
         email, _ = self.recipients(event) if isinstance(event, FraudAlert) else (None, None)
-        if email and self.delivery.smtp is not None:
+        if email and self.delivery.email_on:
             settle(await self.delivery.email(event, email), self.delivery.metrics)
         return []
 
     async def on_alert_webhook(self, event: AnyEvent, _meta: Msg.Metadata) -> list[Event]:
         _, url = self.recipients(event) if isinstance(event, FraudAlert) else (None, None)
-        if url and self.delivery.client is not None and self.delivery.webhook_secret is not None:
+        if url and self.delivery.webhooks_on:
             settle(await self.delivery.webhook(event, url), self.delivery.metrics)
         return []
 

@@ -7,9 +7,10 @@ own deadline, transient failures retried with backoff and jitter, every outcome 
     result = await deliver("email", alert.event_id, lambda: send_email(smtp, message),
                            policy=RetryPolicy(), metrics=metrics)              # never raises
 
-`AlertDelivery` puts those together for the service: `submit(alert, email=..., webhook_url=...)`
-starts one task per channel and returns at once, so a dead mailbox or webhook never holds up
-detection or other alerts; `close()` drains the tasks on shutdown.
+`AlertDelivery` puts those together for the service: `email(alert, to)` and
+`webhook(alert, url)`, each with the settings, the retry policy and the shared counters. The
+service calls them from one durable consumer per channel (services/fraud/app.py), so a dead
+mailbox or webhook never holds up detection, the other channel or other alerts.
 
 Failures are one exception, DeliveryError(reason, transient). Its reason never holds the SMTP
 password, the webhook secret or the webhook URL (URLs often carry tokens).
@@ -172,7 +173,9 @@ def email_body(alert: FraudAlert) -> str:
         f"Last call:   {alert.last_at}  {evidence.last_call_id or '-'}",
     ]
     lines += _tallies("Top source IPs (calls)", evidence.top_source_ips)
-    lines += _tallies("Top caller prefixes (calls)", evidence.top_caller_prefixes)
+    # top_caller_prefixes tallies the other party (core.remote_prefix): for outbound, the destination.
+    remote = "Top remote-party prefixes (calls; the caller, or the destination of an outbound call)"
+    lines += _tallies(remote, evidence.top_caller_prefixes)
     specifics = [
         ("Source IP", evidence.source_ip),
         ("User agent", _one_line(evidence.user_agent)),
@@ -453,11 +456,11 @@ def _utcnow() -> datetime:
 
 
 class AlertDelivery:
-    """Sends alerts by e-mail and webhook in background tasks: `submit` returns at once.
+    """Sends one alert by e-mail or by webhook, retried per the policy, counted in `metrics`.
 
-    smtp None turns e-mail off; client or webhook_secret None turns webhooks off (a channel
-    that is off is skipped without counting). `client` comes from
-    callplane.webhooks.make_client() and is owned by the caller."""
+    smtp None turns e-mail off; client or webhook_secret None turns webhooks off (`email_on`,
+    `webhooks_on`). `client` comes from callplane.webhooks.make_client() and is owned by the
+    caller."""
 
     def __init__(
         self,
@@ -481,7 +484,14 @@ class AlertDelivery:
         self.metrics = metrics or DeliveryMetrics()
         self.clock = clock
         self.resolve = resolve
-        self.pending: set[asyncio.Task[DeliveryResult]] = set()
+
+    @property
+    def email_on(self) -> bool:
+        return self.smtp is not None
+
+    @property
+    def webhooks_on(self) -> bool:
+        return self.client is not None and self.webhook_secret is not None
 
     async def email(self, alert: FraudAlert, to: str) -> DeliveryResult:
         """Send the alert's e-mail to `to`, retrying per the policy."""
@@ -514,33 +524,6 @@ class AlertDelivery:
             )
 
         return await deliver("webhook", alert.event_id, attempt, policy=self.policy, metrics=self.metrics)
-
-    def submit(
-        self, alert: FraudAlert, *, email: str | None = None, webhook_url: str | None = None
-    ) -> list[asyncio.Task[DeliveryResult]]:
-        """Start the deliveries this alert needs, one task per channel, and return at once."""
-        tasks = []
-        if email and self.smtp is not None:
-            tasks.append(asyncio.create_task(self.email(alert, email), name=f"alert-email-{alert.event_id}"))
-        if webhook_url and self.client is not None and self.webhook_secret is not None:
-            tasks.append(
-                asyncio.create_task(self.webhook(alert, webhook_url), name=f"alert-webhook-{alert.event_id}")
-            )
-        for task in tasks:
-            self.pending.add(task)
-            task.add_done_callback(self.pending.discard)
-        return tasks
-
-    async def close(self, timeout_s: float = 5.0) -> None:
-        """Wait up to `timeout_s` for deliveries under way, then cancel the rest."""
-        if not self.pending:
-            return
-        _done, late = await asyncio.wait(set(self.pending), timeout=timeout_s)
-        for task in late:
-            task.cancel()
-        if late:
-            await asyncio.gather(*late, return_exceptions=True)
-            log.warning("alert_deliveries_cancelled", count=len(late))
 
 
 def _raiser(error: DeliveryError) -> Callable[[], Awaitable[None]]:

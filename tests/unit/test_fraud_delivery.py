@@ -86,7 +86,7 @@ def test_the_body_holds_everything_an_operator_needs() -> None:
         "First call:  2025-06-01T12:00:00.000Z  call_1",
         "Last call:   2025-06-01T12:09:30.000Z  call_31",
         "Top source IPs (calls):\n  203.0.113.7    25\n  198.51.100.22  6\n",
-        "Top caller prefixes (calls):\n  +4479  20\n  +1415  11\n",
+        "Top remote-party prefixes (calls; the caller, or the destination of an outbound call):\n  +4479  20\n  +1415  11\n",
         "Alert id:    offer-31/call_spike",
     ]:
         assert expected in body, expected
