@@ -1,13 +1,20 @@
-"""The fraud service's environment maps onto the core's Detectors, SMTP and webhook settings."""
+"""The fraud service's environment maps onto the core's Detectors, SMTP and webhook settings,
+and every setting is documented where operators look (README.md, the systemd env example)."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
-from callplane.config import ConfigError, from_env
+from callplane.config import ConfigError, NatsSettings, from_env
 from services.fraud.app import smtp_settings
 from services.fraud.config import FraudSettings
 from services.fraud.core import DEFAULT_DETECTORS
+from services.fraud.delivery import SmtpSettings
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_defaults_are_the_cores_detectors() -> None:
@@ -66,3 +73,34 @@ def test_smtp_is_off_without_a_host_and_secrets_stay_out_of_reprs() -> None:
     assert smtp is not None and smtp.host == "mail.example.com" and smtp.port == 587 and smtp.starttls
     for text in (repr(settings), str(settings), repr(smtp)):
         assert "hunter2-canary" not in text and "c2VjcmV0LWNhbmFyeQ" not in text
+
+
+def test_every_smtp_setting_reaches_the_delivery_settings() -> None:
+    env = {
+        "SMTP_HOST": "relay.internal", "SMTP_PORT": "465", "SMTP_STARTTLS": "false", "SMTP_TLS": "true",
+        "SMTP_USERNAME": "alerts", "SMTP_PASSWORD": "pw", "SMTP_FROM": "fraud <fraud@example.com>",
+        "SMTP_TIMEOUT_S": "2.5", "SMTP_CA_FILE": "/etc/callplane/relay-ca.pem",
+    }  # fmt: skip
+    smtp = smtp_settings(from_env(FraudSettings, env))
+    assert smtp == SmtpSettings(
+        host="relay.internal", port=465, starttls=False, tls=True, username="alerts", password="pw",
+        sender="fraud <fraud@example.com>", timeout_s=2.5, ca_file="/etc/callplane/relay-ca.pem",
+    )  # fmt: skip
+
+
+SETTINGS = [name.upper() for name in FraudSettings.__struct_fields__ if name not in NatsSettings.__struct_fields__]
+
+
+@pytest.mark.parametrize("document", ["README.md", "deploy/systemd/callplane.env.example"])
+def test_every_fraud_setting_is_documented(document: str) -> None:
+    text = (ROOT / document).read_text(encoding="utf-8")
+    missing = [name for name in SETTINGS if not re.search(rf"\b{name}\b", text)]
+    assert missing == [], f"{document} does not mention {', '.join(missing)}"
+
+
+def test_the_env_examples_fraud_values_are_valid_settings() -> None:
+    text = (ROOT / "deploy/systemd/callplane.env.example").read_text(encoding="utf-8")
+    env = dict(re.findall(r"^#([A-Z_]+)=(.+)$", text, re.M))
+    settings = from_env(FraudSettings, {name: value for name, value in env.items() if name in SETTINGS})
+    assert settings.detectors().scanner_sweep.user_agents == ("friendly-scanner", "sipvicious")
+    assert smtp_settings(settings) is not None

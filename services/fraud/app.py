@@ -230,6 +230,7 @@ def smtp_settings(settings: FraudSettings) -> SmtpSettings | None:
         password=settings.smtp_password,
         sender=settings.smtp_from,
         timeout_s=settings.smtp_timeout_s,
+        ca_file=settings.smtp_ca_file,
     )
 
 

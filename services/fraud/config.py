@@ -78,6 +78,9 @@ class FraudSettings(NatsSettings, frozen=True, kw_only=True):
     smtp_password: str | None = None  # SMTP_PASSWORD: AUTH password (never logged)
     smtp_from: str = "callplane <fraud@localhost>"  # SMTP_FROM: the From header and envelope sender
     smtp_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0  # SMTP_TIMEOUT_S: one delivery attempt's deadline
+    # SMTP_CA_FILE: PEM file of the CAs to trust for the server's certificate instead of the
+    # system's (a relay with a private CA); unset: the system's CAs.
+    smtp_ca_file: str | None = None
 
     # -- webhooks -------------------------------------------------------------------------
     # FRAUD_WEBHOOK_SECRET: the Standard Webhooks signing secret (whsec_<base64>), shared
