@@ -56,6 +56,16 @@ on any exception, i.e. drops it):
     the DLQ copy itself failed  -> nak with backoff (tried again)
 
 So a poison message never loops and never stops the consumer, and nothing is lost.
+
+Batches: `consume_batches` hands the messages delivered together to one call of the
+handler (a list, in delivery order), for handlers whose cost is per call rather than per
+event (the meter commits each batch in one transaction). The handler returns each
+message's outputs, or the exception that fails that message alone; the ack policy above
+applies per message. One batch is handled at a time; what arrives meanwhile is the next.
+
+A wide server filter (`ConsumerSpec.server_filter`, e.g. "call.>" for a consumer of most
+call events): the durable has one filter subject, and the runtime acks at once whatever
+falls outside the spec's `subjects`, before decoding it.
 A message in flight for longer than half the durable's ack wait gets a +WPI (work in
 progress) so JetStream does not redeliver it while its handler is still busy.
 """
@@ -93,6 +103,10 @@ log = structlog.get_logger()
 # publishes them (in order, Nats-Msg-Id = event_id) and acks the input only after
 # JetStream has acknowledged every one, so a crash in between redelivers the input.
 Handler = Callable[[AnyEvent, Msg.Metadata], Awaitable[Sequence[Event]]]
+# A batch handler gets the decoded events delivered together, in delivery order, and returns
+# for each one (same order) the events it produced, or the exception that failed it alone
+# (that message is retried by the ack policy; the others go on). Raising fails them all.
+BatchHandler = Callable[[list[tuple[AnyEvent, Msg.Metadata]]], Awaitable[Sequence[Sequence[Event] | Exception]]]
 
 # Headers on a dead-lettered message.
 DLQ_REASON = "Callplane-Dlq-Reason"
@@ -142,6 +156,22 @@ def consume(
     between `start_consumers(broker)` and `stop_consumers(broker)`.
     """
     consumer = Consumer(spec, handle, batch=batch)
+    _registered.setdefault(router, []).append(consumer)
+    return consumer
+
+
+def consume_batches(
+    router: NatsRouter | NatsBroker, spec: topology.ConsumerSpec, handle: BatchHandler, *, batch: int = DEFAULT_BATCH
+) -> Consumer:
+    """Like `consume`, but `handle` gets every message delivered since it was last called, as
+    one list: for handlers whose cost is mostly per call (a database commit), not per event.
+
+    The same guarantees otherwise: delivery order within a batch, outputs published in order
+    and each input acked once its outputs are stored, the same ack policy per message. One
+    batch is handled at a time; what arrives meanwhile makes up the next. Nothing binds a
+    message's ids to the log context: the handler names the call it logs about.
+    """
+    consumer = BatchConsumer(spec, handle, batch=batch)
     _registered.setdefault(router, []).append(consumer)
     return consumer
 
@@ -209,6 +239,7 @@ class Consumer:
         self.batch = batch
         # A partitioned stream files events under extra leading tokens (topology.ConsumerSpec.strip_tokens).
         self._strip = getattr(spec, "strip_tokens", 0)
+        self._wants = spec.wants() if hasattr(spec, "wants") else None  # None: every delivery is ours
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._sub = None  # deliveries (the pull requests' inbox)
@@ -327,6 +358,11 @@ class Consumer:
             self._unavailable = False
             log.info("consumer_available", stream=self.spec.stream, durable=self.spec.durable)
         try:
+            if self._wants is not None and not self._wants(msg.subject):  # under a wide filter, not ours
+                await self._nc.publish(msg.reply, b"+ACK")
+                if self._wants_pull():
+                    self._wake.set()
+                return
             while len(self._inflight) >= self._window and not self._stopping:  # over-delivered: wait for room
                 self._room.clear()
                 await self._room.wait()
@@ -335,15 +371,21 @@ class Consumer:
                 return
             work = _Work(msg, self._time())
             self._inflight.add(work)
-            # One task per message, created in delivery order: asyncio runs each until its
-            # first await in creation order (the start-order guarantee of the module docstring).
-            task = asyncio.get_running_loop().create_task(_timed(self._process(work), self._measured))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._dispatch(work)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - never let one message stop the subscription
             log.error("consumer_delivery_failed", durable=self.spec.durable, exc_info=exc)
+
+    def _dispatch(self, work: _Work) -> None:
+        # One task per message, created in delivery order: asyncio runs each until its
+        # first await in creation order (the start-order guarantee of the module docstring).
+        self._spawn(_timed(self._process(work), self._measured))
+
+    def _spawn(self, coro: Awaitable) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _on_status(self, msg: Msg) -> None:
         headers = msg.headers or {}
@@ -377,13 +419,8 @@ class Consumer:
         msg = work.msg
         try:
             meta = msg.metadata
-            try:
-                event = decode(msg.data)
-                subject = msg.subject if not self._strip else msg.subject.split(".", self._strip)[-1]
-                if (expected := subject_for(event)) != subject:
-                    raise ContractError(f"{event.__struct_config__.tag} belongs on {expected}, not {subject}")
-            except (*DecodeError, ContractError) as exc:
-                await self._dead_letter(work, meta, f"undecodable: {exc}")
+            event = await self._decode(work, meta)
+            if event is None:
                 return
             # This task's own context (a copy made when it was created): bound for this
             # message only, and for whatever the handler starts.
@@ -393,24 +430,46 @@ class Consumer:
             except Exception as exc:  # noqa: BLE001 - the ack policy is the handler of last resort
                 await self._retry_or_dead_letter(work, meta, "handler_failed", exc)
                 return
-            if not produced:
-                work.settled = True
-                try:
-                    await msg.ack()
-                finally:
-                    self._release(work)
-                return
-            try:
-                await self._publish(work, produced)
-            except Exception as exc:  # noqa: BLE001 - outputs not stored: never ack the input
-                self._forget_pubacks(work)
-                await self._retry_or_dead_letter(work, meta, "publish_failed", exc)
+            await self._settle(work, meta, produced)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - e.g. the connection closed under an ack: redelivered later
-            log.warning("consumer_settle_failed", durable=self.spec.durable, subject=msg.subject, error=repr(exc))
+            self._settle_failed(work, exc)
+
+    async def _decode(self, work: _Work, meta: Msg.Metadata) -> AnyEvent | None:
+        """The message's event, or None once it has been dead-lettered (undecodable, or on
+        the wrong subject)."""
+        msg = work.msg
+        try:
+            event = decode(msg.data)
+            subject = msg.subject if not self._strip else msg.subject.split(".", self._strip)[-1]
+            if (expected := subject_for(event)) != subject:
+                raise ContractError(f"{event.__struct_config__.tag} belongs on {expected}, not {subject}")
+        except (*DecodeError, ContractError) as exc:
+            await self._dead_letter(work, meta, f"undecodable: {exc}")
+            return None
+        return event
+
+    async def _settle(self, work: _Work, meta: Msg.Metadata, produced: Sequence[Event]) -> None:
+        """Handled: ack it now if it produced nothing, else publish its outputs (their
+        PubAcks ack it, in `_on_puback`)."""
+        if not produced:
+            work.settled = True
+            try:
+                await work.msg.ack()
+            finally:
+                self._release(work)
+            return
+        try:
+            await self._publish(work, produced)
+        except Exception as exc:  # noqa: BLE001 - outputs not stored: never ack the input
             self._forget_pubacks(work)
-            self._release(work)
+            await self._retry_or_dead_letter(work, meta, "publish_failed", exc)
+
+    def _settle_failed(self, work: _Work, exc: BaseException) -> None:
+        log.warning("consumer_settle_failed", durable=self.spec.durable, subject=work.msg.subject, error=repr(exc))
+        self._forget_pubacks(work)
+        self._release(work)
 
     async def _publish(self, work: _Work, events: Sequence[Event]) -> None:
         """Send the outputs in order, each with a reply subject of ours on which its PubAck
@@ -463,8 +522,9 @@ class Consumer:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _measured(self, busy: float) -> None:
-        """A message's handling kept the event loop busy `busy` seconds: adjust the window."""
+    def _measured(self, busy: float, messages: int = 1) -> None:
+        """Handling `messages` kept the event loop busy `busy` seconds: adjust the window."""
+        busy /= messages
         self._cost = busy if not self._cost else self._cost + COST_SMOOTHING * (busy - self._cost)
         self._window = max(1, min(self.batch, int(self._budget / max(self._cost, 1e-6))))
 
@@ -574,6 +634,64 @@ class Consumer:
                 work.progressed = now
                 with contextlib.suppress(Exception):
                     await work.msg.in_progress()
+
+
+class BatchConsumer(Consumer):
+    """A Consumer whose handler takes the messages delivered together as one list
+    (`consume_batches`): messages arriving while a batch is handled make up the next one."""
+
+    def __init__(self, spec: topology.ConsumerSpec, handle: BatchHandler, *, batch: int = DEFAULT_BATCH) -> None:
+        super().__init__(spec, handle, batch=batch)  # type: ignore[arg-type]
+        self._gathered: list[_Work] = []
+        self._busy = False  # a batch is being handled
+
+    def _dispatch(self, work: _Work) -> None:
+        self._gathered.append(work)
+        if len(self._gathered) == 1 and not self._busy:
+            # After the deliveries already read from the socket have been gathered too.
+            asyncio.get_running_loop().call_soon(self._next_batch)
+
+    def _next_batch(self) -> None:
+        if self._busy or not self._gathered:
+            return
+        works, self._gathered = self._gathered, []
+        self._busy = True
+        self._spawn(_timed(self._process_batch(works), lambda busy: self._measured(busy, len(works))))
+
+    async def _process_batch(self, works: list[_Work]) -> None:
+        try:
+            items: list[tuple[AnyEvent, Msg.Metadata]] = []
+            handled: list[tuple[_Work, Msg.Metadata]] = []
+            for work in works:
+                try:
+                    meta = work.msg.metadata
+                    if (event := await self._decode(work, meta)) is not None:
+                        items.append((event, meta))
+                        handled.append((work, meta))
+                except Exception as exc:  # noqa: BLE001 - e.g. no metadata: redelivered later
+                    self._settle_failed(work, exc)
+            if not items:
+                return
+            try:
+                results = await self.handle(items)  # type: ignore[arg-type,call-arg]
+                if len(results) != len(items):
+                    raise ContractError(f"the batch handler answered {len(results)} results for {len(items)} events")
+            except Exception as exc:  # noqa: BLE001 - the ack policy is the handler of last resort
+                results = [exc] * len(items)
+            for (work, meta), result in zip(handled, results, strict=True):
+                try:
+                    if isinstance(result, Exception):
+                        await self._retry_or_dead_letter(work, meta, "handler_failed", result)
+                    else:
+                        await self._settle(work, meta, result)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - e.g. the connection closed under an ack
+                    self._settle_failed(work, exc)
+        finally:
+            self._busy = False
+            if self._gathered:
+                asyncio.get_running_loop().call_soon(self._next_batch)
 
 
 @types.coroutine

@@ -423,3 +423,100 @@ async def test_a_slow_synchronous_handler_shrinks_the_window_so_nothing_waits_pa
         assert 5 <= consumer._window <= 15  # 0.25 s / 20 ms = 12
     assert info.num_redelivered == 0 and sorted(recorder.attempts) == sorted(sent)
     assert set(recorder.attempts.values()) == {1}
+
+
+# -- batches (consume_batches) and a wide server filter ----------------------------------
+
+
+class BatchRecorder:
+    """A batch handler: records each batch; an event in `fail_on` fails alone."""
+
+    def __init__(self, fail_on: set[str] = frozenset(), produce=None) -> None:  # noqa: ANN001
+        self.batches: list[list[str]] = []
+        self.fail_on = fail_on
+        self.produce = produce or (lambda _event: [])
+
+    async def __call__(self, items: list) -> list:  # noqa: ANN001
+        self.batches.append([event.event_id for event, _meta in items])
+        await asyncio.sleep(0.05)  # a commit: what arrives meanwhile makes up the next batch
+        return [
+            RuntimeError("not yet") if event.event_id in self.fail_on else self.produce(event) for event, _meta in items
+        ]
+
+
+@contextlib.asynccontextmanager
+async def running_batches(nats_url: str, handler, spec: topology.ConsumerSpec | None = None) -> AsyncIterator:  # noqa: ANN001
+    broker = make_broker(NatsSettings(nats_url=nats_url), service="fraud")
+    runtime.consume_batches(broker, spec or topology.consumer("fraud"), handler, batch=64)
+    await broker.start()
+    await start_consumers(broker)
+    try:
+        yield broker
+    finally:
+        await stop_consumers(broker)
+        await broker.stop()
+
+
+async def test_a_batch_handler_gets_messages_in_stream_order_and_each_input_is_acked_after_its_outputs(
+    nats_url: str, js: JetStreamContext
+) -> None:
+    offers = [offer(f"ev_{n}", f"call_{n}") for n in range(200)]
+    recorder = BatchRecorder(produce=lambda event: [accepted(event)])
+    async with running_batches(nats_url, recorder):
+        for first in range(0, 200, 50):
+            await asyncio.gather(*(publish(js, o) for o in offers[first : first + 50]))
+        await settled(js)
+    handled = [event_id for batch in recorder.batches for event_id in batch]
+    assert handled == [o.event_id for o in offers]  # each once, in stream order
+    assert len(recorder.batches) < len(offers) / 4  # in batches, not one by one
+    decisions = await stored(js, "CALLS", ["call.accepted.*"])
+    assert [m.headers["Nats-Msg-Id"] for m in decisions] == [f"ev_{n}/decision" for n in range(200)]
+
+
+async def test_an_event_failing_in_a_batch_is_retried_alone_and_its_batch_mates_are_acked(
+    nats_url: str, js: JetStreamContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(topology, "BACKOFF_S", (0.1, 0.1, 0.1, 0.1))
+    await topology.setup(js)
+    recorder = BatchRecorder(fail_on={"ev_early"})
+    async with running_batches(nats_url, recorder):
+        await asyncio.gather(*(publish(js, o) for o in (offer("ev_a", "a"), offer("ev_early", "e"), offer("ev_b", "b"))))
+        [dead] = await dlq_messages(js, 1)
+        assert dead.headers[DLQ_REASON].startswith(f"handler_failed after {topology.MAX_DELIVER} deliveries")
+        await settled(js)
+    handled = [event_id for batch in recorder.batches for event_id in batch]
+    assert handled.count("ev_a") == handled.count("ev_b") == 1  # never redelivered with it
+    assert handled.count("ev_early") == topology.MAX_DELIVER
+
+
+async def test_under_a_wide_server_filter_only_the_wanted_subjects_reach_the_handler(
+    nats_url: str, js: JetStreamContext
+) -> None:
+    spec = topology.ConsumerSpec(
+        "wide", "CALLS", ("call.offered.*", "call.answered.*"), "fraud", server_filter="call.>"
+    )
+    await js.add_consumer("CALLS", spec.config())
+    source = offer("ev_1")
+    recorder = BatchRecorder()
+    async with running_batches(nats_url, recorder, spec):
+        for event in (source, accepted(source), answered(source)):
+            await publish(js, event)
+        await settled(js, "wide")
+    assert [event_id for batch in recorder.batches for event_id in batch] == ["ev_1", "ev_1/answered"]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "subject", "matches"),
+    [
+        ("call.ended.*", "call.ended.4812", True),
+        ("call.ended.*", "call.ended.4812.x", False),
+        ("call.ended.*", "call.offered.4812", False),
+        ("call.>", "call.ended.4812", True),
+        ("call.>", "call", False),
+        ("*.ended.*", "call.ended.1", True),
+    ],
+)
+def test_subject_patterns_match_as_nats_matches_them(pattern: str, subject: str, matches: bool) -> None:
+    assert topology._subject_matches(pattern, subject) is matches
+    spec = topology.ConsumerSpec("d", "CALLS", (pattern, "x.y.z"), "s", server_filter=">")
+    assert spec.wants()(subject) is matches
