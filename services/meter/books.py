@@ -164,6 +164,7 @@ class Batch:
     calls: list[tuple]
     holds: list[tuple]
     finished: set[str]
+    outbox: dict[str, list[Event]]  # the ledger.* events of its source events, for a redelivery meanwhile
 
 
 class Books:
@@ -500,6 +501,7 @@ class Books:
             calls=[self.calls[c].row() for c in pending.calls],
             holds=[self.holds[c].row() for c in pending.holds],
             finished=pending.finished,
+            outbox=pending.outbox,
         )
 
     def committed(self, batch: Batch) -> None:

@@ -139,7 +139,7 @@ def load(con: duckdb.DuckDBPyConnection) -> Books:
     for account_id, day, seconds in con.execute(
         """SELECT l.account_id, CAST(timezone(a.timezone, l.occurred_at) AS DATE), sum(l.charged_s)
            FROM ledger l JOIN accounts a USING (account_id)
-           WHERE l.kind = 'charged' AND l.charged_s > 0 AND a.daily_voice_cap_s IS NOT NULL
+           WHERE l.kind = 'charged' AND l.charged_s > 0
              AND l.occurred_at > now() - INTERVAL 3 DAY
            GROUP BY ALL"""
     ).fetchall():
