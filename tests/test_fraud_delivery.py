@@ -314,7 +314,7 @@ async def test_a_server_that_never_answers_fails_by_its_deadline() -> None:
         started = time.monotonic()
         with pytest.raises(DeliveryError) as failed:
             await send_email(settings, alert_email())
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 5  # a generous bound: the machine may be busy
     assert failed.value.transient is True and "0.5 s" in failed.value.reason
 
 
@@ -363,8 +363,8 @@ def http_receiver() -> Iterator[Receiver]:
                 return Response("no such hook", status_code=400)
             case "redirect":
                 return Response(status_code=307, headers={"location": "/alerts/ok"})
-            case "slow":
-                await asyncio.sleep(2)
+            case "slow":  # far slower than any deadline a test sets
+                await asyncio.sleep(10)
                 return Response(status_code=200)
         return Response(status_code=404)
 
@@ -477,7 +477,7 @@ async def test_no_answer_in_time_is_transient_and_bounded(receiver: Receiver, cl
     started = time.monotonic()
     with pytest.raises(DeliveryError) as failed:
         await post(client, receiver.url("slow"), timeout_s=0.3)
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 5  # cut by the deadline, not by the answer 10 s later
     assert failed.value.transient is True and failed.value.reason == "no answer within 300 ms"
 
 

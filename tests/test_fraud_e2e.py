@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import email
+import itertools
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -29,6 +30,7 @@ from tests.nats_server import free_port
 NUMBER = "+48123456789"
 CALLS, WINDOW_MIN = 3, 10  # alert on more than 3 offers within 10 minutes
 OPS = "ops@example.com"
+CANARY = "+48999000111"
 
 
 class Mailbox:
@@ -78,7 +80,7 @@ def offers(first: int, count: int, at: datetime) -> list[CallOffered]:
     ]
 
 
-async def settled(js: JetStreamContext, timeout: float = 30.0) -> None:
+async def settled(js: JetStreamContext, timeout: float = 60.0) -> None:
     """Detection and e-mail delivery have nothing pending and nothing unacked."""
     deadline = asyncio.get_running_loop().time() + timeout
     for stream, durable in (("CALLS", "fraud"), ("ALERTS", "fraud-email")):
@@ -90,11 +92,29 @@ async def settled(js: JetStreamContext, timeout: float = 30.0) -> None:
             await asyncio.sleep(0.05)
 
 
-async def wait_for(condition, what: str, timeout: float = 20.0) -> None:  # noqa: ANN001
+async def wait_for(condition, what: str, timeout: float = 60.0) -> None:  # noqa: ANN001
     deadline = asyncio.get_running_loop().time() + timeout
     while not condition():
         assert asyncio.get_running_loop().time() < deadline, f"no {what} in time"
         await asyncio.sleep(0.05)
+
+
+async def policies_applied(nc: Client, js: JetStreamContext, published: list[FraudAlert], timeout: float = 30.0) -> None:
+    """Wait until the fraud service (another process) has applied every policy set so far:
+    a canary number set up after them, alerting on its second offer (no e-mail: no recipient),
+    is offered calls until its alert comes (NUMBERS is applied in order)."""
+    policy = SecurityPolicy(fraud_alert=FraudAlertPolicy(calls=1, window_minutes=WINDOW_MIN))
+    for command in (RegisterNumber(number=CANARY, account_id="acct_canary"), SetPolicy(number=CANARY, policy=policy)):
+        assert (await send(nc, "provisioner", command)).ok
+    deadline = asyncio.get_running_loop().time() + timeout
+    for i in itertools.count():
+        at = timestamp(datetime.now(UTC))
+        await publish_all(js, [CallOffered(event_id=f"ev_canary_{i}", occurred_at=at, call_id=f"canary_{i}", to=CANARY, from_="+15551234567")])
+        for _ in range(4):
+            if any(a.number == CANARY for a in published):
+                return
+            await asyncio.sleep(0.05)
+        assert asyncio.get_running_loop().time() < deadline, "the fraud service did not apply the policies in time"
 
 
 async def test_one_episode_is_one_alert_and_one_email_across_traffic_and_a_crash_and_a_new_episode_alerts_again(
@@ -113,7 +133,8 @@ async def test_one_episode_is_one_alert_and_one_email_across_traffic_and_a_crash
         SetPolicy(number=NUMBER, policy=SecurityPolicy(fraud_alert=policy)),
     ):
         assert (await send(nc, "provisioner", command)).ok
-    await asyncio.sleep(0.5)  # the policy reaches the fraud service's projection
+    await policies_applied(nc, js, published)
+    published.clear()
 
     start = datetime.now(UTC)
     await publish_all(js, offers(0, CALLS, start))  # exactly the threshold: nothing
@@ -121,12 +142,14 @@ async def test_one_episode_is_one_alert_and_one_email_across_traffic_and_a_crash
     assert published == [] and box.received() == []
 
     await publish_all(js, offers(CALLS, 1, start + timedelta(seconds=1)))  # X + 1 within Y minutes
-    await wait_for(lambda: len(box.received()) == 1, "alert e-mail")
+    await wait_for(lambda: len(box.received()) == 1 and len(published) == 1, "alert and its e-mail")
     [alert] = published
     assert alert.rule == "call_spike" and alert.count == CALLS + 1 and alert.event_id == derived_id("ev_offer_3", "call_spike")
     [mail] = box.received()
     assert mail["To"] == OPS and NUMBER in mail["Subject"] and "call_spike" in mail["Subject"]
-    assert alert.event_id in mail.get_payload()
+    body = mail.get_payload()
+    assert alert.event_id in body and f"Count:       {CALLS + 1} calls in {WINDOW_MIN} min" in body
+    assert "First call:" in body and "Last call:" in body and "203.0.113.7" in body and "+1555" in body
 
     # Ten times more traffic in the same episode: no second alert, no second e-mail.
     await publish_all(js, offers(100, 10 * (CALLS + 1), start + timedelta(seconds=2)))
@@ -147,7 +170,7 @@ async def test_one_episode_is_one_alert_and_one_email_across_traffic_and_a_crash
     # ends), and a new burst of X + 1 is a new episode: one more alert, one more e-mail.
     later = start + timedelta(minutes=WINDOW_MIN, seconds=30)
     await publish_all(js, offers(400, CALLS + 1, later))
-    await wait_for(lambda: len(box.received()) == 2, "second alert e-mail")
+    await wait_for(lambda: len(box.received()) == 2 and len(published) == 2, "second alert and its e-mail")
     await settled(js)
     assert [a.event_id for a in published] == [alert.event_id, derived_id("ev_offer_403", "call_spike")]
     assert len({m["Message-ID"] for m in box.received()}) == 2

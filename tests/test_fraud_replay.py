@@ -76,21 +76,21 @@ def offers(first: int, count: int, at: datetime | None = None) -> list[CallOffer
 
 
 async def alerts(js: JetStreamContext) -> list[FraudAlert]:
-    """Every fraud.alert stored, in order."""
+    """Every fraud.alert stored, in order (as many as the consumer counted pending at its start)."""
     config = ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL)
     sub = await js.pull_subscribe("fraud.alert.*", stream="ALERTS", config=config)
-    found: list[FraudAlert] = []
-    with contextlib.suppress(nats.errors.TimeoutError):
-        while True:
-            batch = await sub.fetch(100, timeout=0.5)
+    try:
+        remaining = (await sub.consumer_info()).num_pending
+        found: list[FraudAlert] = []
+        while len(found) < remaining:
+            batch = await sub.fetch(remaining - len(found), timeout=10)
             found += [decode(m.data) for m in batch]
-            if batch[-1].metadata.num_pending == 0:
-                break
-    await sub.unsubscribe()
-    return found
+        return found
+    finally:
+        await sub.unsubscribe()
 
 
-async def settled(js: JetStreamContext, timeout: float = 15.0) -> None:
+async def settled(js: JetStreamContext, timeout: float = 60.0) -> None:
     """Wait until the `fraud` durable has nothing pending and nothing unacked."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:

@@ -131,7 +131,7 @@ async def burst(js: JetStreamContext, number: str, count: int) -> None:
     )
 
 
-async def eventually(condition, what: str, timeout: float = 15.0) -> None:  # noqa: ANN001
+async def eventually(condition, what: str, timeout: float = 60.0) -> None:  # noqa: ANN001
     deadline = asyncio.get_running_loop().time() + timeout
     while not condition():
         assert asyncio.get_running_loop().time() < deadline, f"no {what} in time"
