@@ -10,6 +10,9 @@ from nats.aio.client import Client
 from callplane.projection import Projection
 
 
+REBUILD_COMMIT_EVERY = 5_000  # events per transaction
+
+
 async def rebuild(nc: Client, out: Path) -> dict[str, int]:
     """Replay ACCOUNTS, then CALLS, into a new DuckDB ledger at `out` (which must not exist).
     Account events first: a call's charge depends on its own events, a balance on the sum."""
@@ -26,12 +29,15 @@ async def rebuild(nc: Client, out: Path) -> dict[str, int]:
             projection: Projection
 
             def apply(event, consumer=consumer) -> None:  # noqa: ANN001
-                meter.on_event(event, consumer, projection.position)
+                meter.apply(event, consumer, projection.position)
                 applied[stream] = applied.get(stream, 0) + 1
+                if applied[stream] % REBUILD_COMMIT_EVERY == 0:
+                    meter.flush()
 
             projection = Projection(nc.jetstream(), stream, apply)
             await projection.follow(timeout=3600)
             await projection.stop()
+            meter.flush()
     finally:
         con.close()
     return applied
