@@ -8,11 +8,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import email
 import os
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
-from email.message import Message
 
 import pytest
 from aiosmtpd.controller import Controller
@@ -36,18 +34,10 @@ from services.fraud.app import Fraud
 from services.fraud.config import FraudSettings
 from services.fraud.delivery import RetryPolicy
 from tests.nats_server import free_port
+from tests.test_fraud_e2e import Mailbox, wait_for
 
 SECRET = "whsec_" + base64.b64encode(os.urandom(24)).decode()
 FAST_RETRY = RetryPolicy(attempts=2, first_delay_s=0.1, max_delay_s=0.1, attempt_timeout_s=2.0)
-
-
-class Mailbox:
-    def __init__(self) -> None:
-        self.messages: list[Message] = []
-
-    async def handle_DATA(self, _server, _session, envelope) -> str:  # noqa: ANN001, N802 - aiosmtpd's hook
-        self.messages.append(email.message_from_bytes(envelope.original_content))
-        return "250 OK"
 
 
 @pytest.fixture
@@ -131,13 +121,6 @@ async def burst(js: JetStreamContext, number: str, count: int) -> None:
     )
 
 
-async def eventually(condition, what: str, timeout: float = 60.0) -> None:  # noqa: ANN001
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, f"no {what} in time"
-        await asyncio.sleep(0.05)
-
-
 async def test_an_alert_is_posted_signed_to_the_numbers_webhook_and_mailed_to_the_default_recipient(
     nats_url: str, js: JetStreamContext, nc: Client, smtp_port: tuple[Mailbox, int], receiver: Receiver
 ) -> None:
@@ -149,12 +132,12 @@ async def test_an_alert_is_posted_signed_to_the_numbers_webhook_and_mailed_to_th
     await watch(js, "+48111111111", FraudAlertPolicy(calls=2, window_minutes=5, webhook_url=receiver.url))  # no e-mail of its own
     async with fraud_service(nats_url, js, settings) as fraud:
         await burst(js, "+48111111111", 3)
-        await eventually(lambda: receiver.requests and box.messages, "webhook and e-mail")
+        await wait_for(lambda: receiver.requests and box.received(), "webhook and e-mail")
     [(headers, body)] = receiver.requests
     alert = decode(Webhook(SECRET).verify(body, headers) and body)
     assert isinstance(alert, FraudAlert) and alert.number == "+48111111111" and alert.count == 3
     assert headers["webhook-id"] == alert.event_id
-    [mail] = box.messages
+    [mail] = box.received()
     assert mail["To"] == "soc@example.com" and alert.event_id in mail.get_payload()
     assert fraud.delivery.metrics.snapshot() == {
         "email": {"delivered": 1, "retried": 0, "failed": 0},
@@ -181,9 +164,9 @@ async def test_a_dead_mailbox_holds_up_neither_webhooks_nor_detection(
     async with fraud_service(nats_url, js, settings) as fraud:
         for n in numbers:
             await burst(js, n, 2)
-        await eventually(lambda: len(receiver.requests) == 3, "three webhooks")
+        await wait_for(lambda: len(receiver.requests) == 3, "three webhooks")
         assert sorted(a.number for a in published) == numbers  # detection went on
-        await eventually(lambda: fraud.delivery.metrics.snapshot()["email"]["failed"] >= 3, "failed e-mails counted")
+        await wait_for(lambda: fraud.delivery.metrics.snapshot()["email"]["failed"] >= 3, "failed e-mails counted")
         counts = fraud.delivery.metrics.snapshot()
         assert counts["webhook"] == {"delivered": 3, "retried": 0, "failed": 0}
         assert counts["email"]["delivered"] == 0 and counts["email"]["retried"] >= 3
