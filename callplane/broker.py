@@ -65,7 +65,9 @@ applies per message. One batch is handled at a time; what arrives meanwhile is t
 
 A wide server filter (`ConsumerSpec.server_filter`, e.g. "call.>" for a consumer of most
 call events): the durable has one filter subject, and the runtime acks at once whatever
-falls outside the spec's `subjects`, before decoding it.
+falls outside the spec's `subjects`, before decoding it. Every output carries the header
+Callplane-Origin = the durable that produced it; with `ConsumerSpec.skip_own` that durable
+acks its own outputs unhandled (it applied them when it produced them).
 A message in flight for longer than half the durable's ack wait gets a +WPI (work in
 progress) so JetStream does not redeliver it while its handler is still busy.
 """
@@ -107,6 +109,10 @@ Handler = Callable[[AnyEvent, Msg.Metadata], Awaitable[Sequence[Event]]]
 # for each one (same order) the events it produced, or the exception that failed it alone
 # (that message is retried by the ack policy; the others go on). Raising fails them all.
 BatchHandler = Callable[[list[tuple[AnyEvent, Msg.Metadata]]], Awaitable[Sequence[Sequence[Event] | Exception]]]
+
+# On every output the runtime publishes: the durable whose handler produced it
+# (ConsumerSpec.skip_own lets that durable pass over its own outputs).
+ORIGIN_HEADER = "Callplane-Origin"
 
 # Headers on a dead-lettered message.
 DLQ_REASON = "Callplane-Dlq-Reason"
@@ -240,6 +246,7 @@ class Consumer:
         # A partitioned stream files events under extra leading tokens (topology.ConsumerSpec.strip_tokens).
         self._strip = getattr(spec, "strip_tokens", 0)
         self._wants = spec.wants() if hasattr(spec, "wants") else None  # None: every delivery is ours
+        self._skip_own = getattr(spec, "skip_own", False)
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._sub = None  # deliveries (the pull requests' inbox)
@@ -358,7 +365,9 @@ class Consumer:
             self._unavailable = False
             log.info("consumer_available", stream=self.spec.stream, durable=self.spec.durable)
         try:
-            if self._wants is not None and not self._wants(msg.subject):  # under a wide filter, not ours
+            if (self._wants is not None and not self._wants(msg.subject)) or (
+                self._skip_own and msg.headers and msg.headers.get(ORIGIN_HEADER) == self.spec.durable
+            ):  # not ours (under a wide filter), or our own output: done with it
                 await self._nc.publish(msg.reply, b"+ACK")
                 if self._wants_pull():
                     self._wake.set()
@@ -482,7 +491,8 @@ class Consumer:
             reply = f"{self._ack_prefix}{self._seq}"
             self._acks[reply] = work
             work.tokens.append(reply)
-            await self._nc.publish(subject_for(event), encode(event), reply=reply, headers={"Nats-Msg-Id": event.event_id})
+            headers = {"Nats-Msg-Id": event.event_id, ORIGIN_HEADER: self.spec.durable}
+            await self._nc.publish(subject_for(event), encode(event), reply=reply, headers=headers)
 
     async def _on_puback(self, msg: Msg) -> None:
         work = self._acks.pop(msg.subject, None)

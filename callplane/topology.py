@@ -62,6 +62,10 @@ class ConsumerSpec:
     # durable with several filter subjects once the stream holds many distinct subjects (one
     # per phone number), measured in bench/README.md (the meter); one filter does not.
     server_filter: str = ""
+    # Ack unhandled the events this durable's own handler produced (the runtime marks every
+    # output with ORIGIN_HEADER = the durable): for a service that applied its outputs to
+    # its state already when it produced them (the gatekeeper's auto-answer pick-ups).
+    skip_own: bool = False
 
     def event_subject(self, subject: str) -> str:
         return subject.split(".", self.strip_tokens)[-1] if self.strip_tokens else subject
@@ -108,6 +112,8 @@ CONSUMERS: tuple[ConsumerSpec, ...] = (
         ("call.offered.*", "call.answered.*", "call.missed.*", "call.ended.*"),
         "gatekeeper",
         "admission decisions and the slots they hold",
+        server_filter="call.>",
+        skip_own=True,
     ),
     ConsumerSpec(
         "meter-calls",
@@ -129,6 +135,7 @@ CONSUMERS: tuple[ConsumerSpec, ...] = (
         ("call.accepted.*", "call.rejected.*", "call.answered.*", "call.ended.*"),
         "dialer",
         "outcome of outbound calls",
+        server_filter="call.>",
     ),
 )
 
@@ -154,6 +161,7 @@ def gatekeeper_partition(index: int) -> ConsumerSpec:
         "gatekeeper",
         f"admission for partition {index} of the numbers",
         strip_tokens=2,
+        skip_own=True,
     )
 
 

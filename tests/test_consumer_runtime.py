@@ -520,3 +520,21 @@ def test_subject_patterns_match_as_nats_matches_them(pattern: str, subject: str,
     assert topology._subject_matches(pattern, subject) is matches
     spec = topology.ConsumerSpec("d", "CALLS", (pattern, "x.y.z"), "s", server_filter=">")
     assert spec.wants()(subject) is matches
+
+
+async def test_a_durable_that_skips_its_own_outputs_handles_the_same_events_from_others(
+    nats_url: str, js: JetStreamContext
+) -> None:
+    spec = topology.ConsumerSpec(
+        "own", "CALLS", ("call.offered.*", "call.answered.*"), "fraud", server_filter="call.>", skip_own=True
+    )
+    await js.add_consumer("CALLS", spec.config())
+    recorder = BatchRecorder(produce=lambda event: [answered(event)] if isinstance(event, CallOffered) else [])
+    async with running_batches(nats_url, recorder, spec):
+        await publish(js, offer("ev_1", "call_1"))  # its pick-up comes back from the stream: skipped
+        await settled(js, "own")
+        await publish(js, answered(offer("ev_2", "call_2")))  # an edge's pick-up: handled
+        await settled(js, "own")
+    assert [event_id for batch in recorder.batches for event_id in batch] == ["ev_1", "ev_2/answered"]
+    [own] = [m for m in await stored(js, "CALLS", ["call.answered.*"]) if m.headers["Nats-Msg-Id"] == "ev_1/answered"]
+    assert own.headers[runtime.ORIGIN_HEADER] == "own"
