@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -179,6 +180,13 @@ class Meter:
         return [*self.books.supervise(now), *self.books.expire_holds(now)]
 
 
+    async def close(self) -> None:
+        """Let a commit in progress finish (its worker thread writes through the connection)."""
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                await self._writer
+
+
 class LedgerUnavailable(RuntimeError):
     """The ledger could not commit: the inputs waiting for it are retried."""
 
@@ -198,8 +206,9 @@ async def wire(broker: NatsBroker, js: JetStreamContext, settings: MeterSettings
             await asyncio.sleep(settings.supervise_ms / 1000)
             try:
                 orders = meter.supervise(meter.clock())
-                if orders:
+                if meter.books.pending:  # extensions too: a reservation is durable before it counts
                     await meter.commit()
+                if orders:
                     await publish_all(js, orders)
             except Exception:  # noqa: BLE001 - one bad round must not stop supervision
                 log.exception("supervise_failed")
@@ -217,6 +226,7 @@ async def wire(broker: NatsBroker, js: JetStreamContext, settings: MeterSettings
         supervisor.cancel()
         snapshots_stop.set()
         await snapshotter  # a snapshot in progress reads through a cursor: let it finish before closing
+        await meter.close()
         con.close()
 
     return stop

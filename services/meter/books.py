@@ -244,6 +244,8 @@ class Books:
                     call.answered_at = event.occurred_at
                     call.answered_s = parse_timestamp(event.occurred_at).timestamp()
                     self.pending.calls.add(call.call_id)
+                if call.ended:
+                    self.pending.finished.add(call.call_id)
             case CallAgentReplied() | CallEnded():
                 return self._charge(event)
         return []
@@ -265,6 +267,8 @@ class Books:
         if isinstance(event, CallAgentReplied):
             call.responses += event.responses
             self.pending.calls.add(call.call_id)
+            if call.ended:  # a late reply, looked up in the database: let it go again
+                self.pending.finished.add(call.call_id)
             charge = Charge(charged_s=0, voice_millicredits=0, text_millicredits=event.responses * text_price)
             if not charge.total_millicredits:
                 return []
