@@ -42,6 +42,13 @@ The count at a crossing is exactly threshold + 1 (one offer raises it by one), a
 evidence covers exactly the offers in the window. (Right after a policy change lowered a
 threshold below the traffic, the count is that of the offers kept under the old threshold,
 plus one: a lower bound, still above the new threshold.)
+
+scanner_sweep counts distinct numbers, so its window keeps, per source IP, only the latest
+offer to each number called within it: memory is bounded by the distinct numbers in the
+window, not by the traffic (one IP hammering 50 numbers holds 50 entries). A late offer to
+a number called later already changes nothing. Its count and evidence cover those latest
+offers, one per number: count = distinct numbers (for a known scanner's user agent too),
+first call = the oldest of them, tallies count numbers, not calls.
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ import functools
 import math
 import re
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
@@ -164,10 +171,11 @@ class Window:
 
 @dataclass(slots=True)
 class Sweep:
-    """One source IP's offers within the scanner window."""
+    """One source IP within the scanner window: the latest offer to each number it called,
+    oldest first (a number called again moves to its new place), so it holds one entry per
+    distinct number in the window, however many offers the IP sends."""
 
-    entries: deque[Entry] = field(default_factory=deque)
-    numbers: dict[str, int] = field(default_factory=dict)  # offers per number in the window
+    latest: OrderedDict[str, Entry] = field(default_factory=OrderedDict)  # by number, in time order
     newest: int = NEVER
     scanner_at: int = NEVER  # ms of the newest offer with a scanner's user agent
     user_agent: str = ""  # that user agent
@@ -281,21 +289,24 @@ def _scanner_sweep(
     _prune(state.sweeps, state.newest - 2 * span)
     sweep = _touch(state.sweeps, ip, Sweep)
     at, number = entry[0], entry[4]
-    numbers = sweep.numbers
-
-    def gone(old: Entry) -> None:
-        if numbers[old[4]] == 1:
-            del numbers[old[4]]
-        else:
-            numbers[old[4]] -= 1
-
-    if not _enter(sweep, entry, span, gone):
-        return None  # too late for this window
-    entries, edge = sweep.entries, sweep.newest - span
-    numbers[number] = numbers.get(number, 0) + 1
+    if at <= sweep.newest - span:
+        return None  # too late for this window, which never moves back
+    in_order = at >= sweep.newest
+    if in_order:
+        sweep.newest = at
+    latest, edge = sweep.latest, sweep.newest - span
+    while latest and next(iter(latest.values()))[0] <= edge:
+        latest.popitem(last=False)  # numbers not called within the window any more
+    if not latest:
+        sweep.in_episode = False  # the window emptied: whatever episode there was is over
+    if in_order:
+        latest[number] = entry
+        latest.move_to_end(number)
+    else:
+        _refresh_late(latest, number, entry)
     if offer.user_agent and at > sweep.scanner_at and _is_scanner(config.user_agents, offer.user_agent):
         sweep.scanner_at, sweep.user_agent = at, clean(offer.user_agent, 200)
-    distinct = len(numbers)
+    distinct = len(latest)
     by_sweep = distinct >= config.distinct_numbers
     by_agent = sweep.scanner_at > edge
     crossed = (by_sweep or by_agent) and not sweep.in_episode
@@ -303,17 +314,18 @@ def _scanner_sweep(
     if not crossed:
         return None
     if by_sweep:
-        count, threshold = distinct, config.distinct_numbers - 1
+        threshold = config.distinct_numbers - 1
         summary = f"source {ip} offered calls to {distinct} numbers within {_span(span)} (threshold {threshold})"
     else:
-        count, threshold = len(entries), 0
-        summary = f"known SIP scanner '{sweep.user_agent}' from {ip}: {count} calls within {_span(span)}"
+        threshold = 0
+        numbers = "1 number" if distinct == 1 else f"{distinct} numbers"
+        summary = f"known SIP scanner '{sweep.user_agent}' from {ip}: calls to {numbers} within {_span(span)}"
     return _alert(
         offer,
         RULE_SCANNER,
         account_id,
-        entries,
-        count=count,
+        latest.values(),
+        count=distinct,
         threshold=threshold,
         span=span,
         summary=summary,
@@ -321,6 +333,23 @@ def _scanner_sweep(
         user_agent=sweep.user_agent if by_agent else "",
         distinct_numbers=distinct,
     )
+
+
+def _refresh_late(latest: OrderedDict[str, Entry], number: str, entry: Entry) -> None:
+    """Record a late offer (older than the window's newest) as its number's latest, in time
+    order after the entries of its own ms, unless the number was called later already."""
+    at = entry[0]
+    known = latest.get(number)
+    if known is not None:
+        if known[0] > at:
+            return
+        del latest[number]
+    after: list[tuple[str, Entry]] = []
+    while latest and next(reversed(latest.values()))[0] > at:
+        after.append(latest.popitem())
+    latest[number] = entry
+    for key, newer in reversed(after):
+        latest[key] = newer
 
 
 def _account_spike(
@@ -454,10 +483,10 @@ def slide(window: Window, entry: Entry, span: int, threshold: int) -> bool:
     return crossed
 
 
-def _enter(window: Window | Sweep, entry: Entry, span: int, gone: Callable[[Entry], None] | None = None) -> bool:
-    """Move the window's clock up to the offer, drop the offers that fell out of the span
-    (`gone` sees each), and insert the offer in time order. False, and nothing changed,
-    when the offer is too late: already outside the window, which never moves back."""
+def _enter(window: Window, entry: Entry, span: int) -> bool:
+    """Move the window's clock up to the offer, drop the offers that fell out of the span,
+    and insert the offer in time order. False, and nothing changed, when the offer is too
+    late: already outside the window, which never moves back."""
     at = entry[0]
     if at <= window.newest - span:
         return False
@@ -466,9 +495,7 @@ def _enter(window: Window | Sweep, entry: Entry, span: int, gone: Callable[[Entr
     entries = window.entries
     edge = window.newest - span
     while entries and entries[0][0] <= edge:
-        old = entries.popleft()
-        if gone is not None:
-            gone(old)
+        entries.popleft()
     if not entries:
         window.in_episode = False  # the window emptied: whatever episode there was is over
     _insert(entries, entry)

@@ -154,6 +154,35 @@ def test_idle_scanner_addresses_are_dropped():
     assert list(state.sweeps) == ["192.0.2.1"]
 
 
+def test_one_address_hammering_keeps_one_entry_per_number_it_called():
+    """5,000 offers a second from one IP to 50 numbers for four 1 s windows: the sweep holds
+    the latest offer per number (50), not the 5,000 offers in its window."""
+    state, detectors = State(), only(scanner_sweep=ScannerSweep(distinct_numbers=10, window_s=1))
+    sizes, alerts = set(), []
+    for i in range(20_000):
+        alerts += observe(state, offer(i * MS / 5, number(i % 50), ip=IP), detectors)
+        sizes.add(len(state.sweeps[IP].latest))
+    assert max(sizes) == 50 and len(state.sweeps) == 1
+    sweep = state.sweeps[IP]
+    assert list(sweep.latest) == [number(n) for n in range(50)]  # oldest first
+    assert [e[0] for e in sweep.latest.values()] == sorted(e[0] for e in sweep.latest.values())
+    (alert,) = alerts  # one episode, however long
+    assert (alert.count, alert.evidence.distinct_numbers, alert.number) == (10, 10, number(9))
+
+
+def test_a_late_offer_refreshes_its_number_in_time_order_unless_called_since():
+    sweep = only(scanner_sweep=ScannerSweep(distinct_numbers=10, window_s=60))
+    state = State()
+    run(state, sweep, [offer(at * S, number(n), ip=IP) for at, n in [(0, 0), (10, 1), (20, 2), (30, 1)]])
+    run(state, sweep, [offer(15 * S, number(0), ip=IP), offer(5 * S, number(2), ip=IP)])  # late
+    latest = state.sweeps[IP].latest
+    assert [(n, e[0] - latest[number(0)][0]) for n, e in latest.items()] == [
+        (number(0), 0), (number(2), 5_000), (number(1), 15_000)
+    ]  # fmt: skip
+    run(state, sweep, [offer(76 * S, number(3), ip=IP)])  # 0 (at 15 s) has left, 2 (at 20 s) not
+    assert list(latest) == [number(2), number(1), number(3)]
+
+
 # -- account_spike -------------------------------------------------------------------
 
 ACCOUNT = only(account_spike=AccountSpike(calls=4, window_minutes=5))

@@ -248,3 +248,74 @@ def test_a_replay_from_the_horizon_alerts_as_the_uninterrupted_run_after_the_res
             observe(restarted, o, detectors)
     after = [observe(restarted, o, detectors) for o in offers[k + 1 :]]
     assert after == per_offer[k + 1 :]
+
+
+class SweepModel:
+    """Brute force of scanner_sweep: every offer per source IP kept, each window rescanned."""
+
+    def __init__(self, span: int, distinct: int, user_agents: tuple[str, ...]) -> None:
+        self.span, self.distinct, self.user_agents = span, distinct, user_agents
+        self.offers: dict[str, list[tuple[int, int, CallOffered]]] = {}  # (ms, order, offer) per IP
+        self.newest: dict[str, int] = {}
+        self.in_episode: dict[str, bool] = {}
+
+    def observe(self, i: int, at: int, o: CallOffered) -> tuple[bool, bool, bool, list[tuple[int, int, CallOffered]]] | None:
+        """(alerts, by distinct numbers, by user agent, the latest offer per number in the
+        window in time order), or None when the offer is too late for its window."""
+        ip = o.source_ip
+        newest = self.newest.get(ip)
+        if newest is not None and at <= newest - self.span:
+            return None
+        now = max(at, newest if newest is not None else at)
+        self.newest[ip] = now
+        window = [x for x in self.offers.get(ip, []) if now - self.span < x[0]]
+        in_episode = self.in_episode.get(ip, False) and bool(window)
+        self.offers.setdefault(ip, []).append((at, i, o))
+        window.append((at, i, o))
+        latest: dict[str, tuple[int, int, CallOffered]] = {}
+        for x in window:  # in observation order: the last of a number's newest ms wins
+            if x[2].to not in latest or x[0] >= latest[x[2].to][0]:
+                latest[x[2].to] = x
+        by_sweep = len(latest) >= self.distinct
+        by_agent = any(any(u.lower() in x[2].user_agent.lower() for u in self.user_agents) for x in window)
+        self.in_episode[ip] = by_sweep or by_agent
+        return (by_sweep or by_agent) and not in_episode, by_sweep, by_agent, sorted(latest.values(), key=lambda x: x[:2])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    steps=st.lists(
+        # (gap ms, lateness ms, number, source IP, user agent: 0 a known scanner's)
+        st.tuples(st.integers(0, 12_000), st.integers(0, 30_000), st.integers(0, 5), st.integers(0, 2), st.integers(0, 9)),
+        min_size=1,
+        max_size=120,
+    ),
+    distinct=st.integers(1, 5),
+)
+def test_scanner_sweep_equals_a_brute_force_with_late_offers(steps, distinct):
+    """Per source IP, the distinct numbers in the window and the known-scanner offers decide
+    as a brute force over every offer decides, late offers and idle pruning included (offers
+    at most one window late); the evidence is the latest offer to each of those numbers."""
+    span = 20_000
+    config = ScannerSweep(distinct_numbers=distinct, window_s=span // 1000, user_agents=("sipvicious",))
+    detectors = Detectors(**{f: getattr(OFF, f) for f in Detectors.__struct_fields__} | {"scanner_sweep": config})
+    state, model = State(), SweepModel(span, distinct, config.user_agents)
+    clock = newest = 0
+    for i, (gap, late, key, ip, agent) in enumerate(steps):
+        clock += gap
+        at = max(clock - late, newest - span)  # at most one window late
+        newest = max(newest, at)
+        o = offer(i, at, NUMBERS[key], ip=f"192.0.2.{ip}", ua="SIPVicious 0.3" if agent == 0 else "Twilio")
+        alerts = observe(state, o, detectors)
+        expected = model.observe(i, at, o)
+        if expected is None or not expected[0]:
+            assert alerts == []
+            continue
+        _, by_sweep, by_agent, latest = expected
+        (alert,) = alerts
+        assert (alert.rule, alert.evidence.source_ip, alert.evidence.distinct_numbers) == ("scanner_sweep", o.source_ip, len(latest))
+        assert (alert.count, alert.threshold) == ((len(latest), distinct - 1) if by_sweep else (len(latest), 0))
+        assert alert.evidence.user_agent == ("SIPVicious 0.3" if by_agent else "")
+        assert alert.first_at == latest[0][2].occurred_at and alert.last_at == latest[-1][2].occurred_at
+        assert (alert.evidence.first_call_id, alert.evidence.last_call_id) == (latest[0][2].call_id, latest[-1][2].call_id)
+        assert [(t.value, t.count) for t in alert.evidence.top_source_ips] == [(o.source_ip, len(latest))]
