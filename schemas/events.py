@@ -376,6 +376,12 @@ class AlertEvidence(Model, kw_only=True):
 
 
 class FraudAlert(Event, tag="fraud.alert", kw_only=True):
+    """One alert per episode of a fraud detector, named by `rule`: call_spike (offers to a
+    number), scanner_sweep (one source IP, many numbers or a scanner's user agent),
+    account_spike (offers across an account), irsf_destination (outbound to high-risk
+    ranges) or baseline_jump (a minute far above the number's own baseline). No new alert
+    for the same rule and key until its episode has ended (SPEC sections 2 and 4)."""
+
     number: E164  # the number of the call that crossed the threshold
     account_id: Token | None = None
     rule: str  # call_spike | scanner_sweep | account_spike | irsf_destination | baseline_jump

@@ -79,7 +79,10 @@ DESCRIPTIONS: Final[dict[str, str]] = {
     "ledger.charged": "A finished call was charged (voice plus text).",
     "ledger.released": "A call's hold was released.",
     "ledger.credited": "Purchased credits were added to the balance.",
-    "fraud.alert": "Too many offers to a number within a window.",
+    "fraud.alert": (
+        "One alert per episode of a fraud detector, named by rule: call_spike, scanner_sweep,"
+        " account_spike, irsf_destination or baseline_jump."
+    ),
 }
 
 
