@@ -157,6 +157,8 @@ def email_subject(alert: FraudAlert) -> str:
 
 def email_body(alert: FraudAlert) -> str:
     evidence = alert.evidence
+    # A scanner sweep counts the distinct numbers a source called, the other rules calls.
+    unit = "numbers" if alert.rule == "scanner_sweep" else "calls"
     lines = [f"Fraud alert: {alert.rule} on {alert.number}"]
     if about := RULE_TEXT.get(alert.rule):
         lines.append(f"({about})")
@@ -167,14 +169,14 @@ def email_body(alert: FraudAlert) -> str:
         f"Rule:        {alert.rule}",
         f"Number:      {alert.number}",
         f"Account:     {alert.account_id or '-'}",
-        f"Count:       {alert.count} calls in {duration_text(alert.window_s)} (threshold {alert.threshold})",
+        f"Count:       {alert.count} {unit} in {duration_text(alert.window_s)} (threshold {alert.threshold})",
         f"Window:      {alert.window_s} s",
         f"First call:  {alert.first_at}  {evidence.first_call_id or '-'}",
         f"Last call:   {alert.last_at}  {evidence.last_call_id or '-'}",
     ]
-    lines += _tallies("Top source IPs (calls)", evidence.top_source_ips)
+    lines += _tallies(f"Top source IPs ({unit})", evidence.top_source_ips)
     # top_caller_prefixes tallies the other party (core.remote_prefix): for outbound, the destination.
-    remote = "Top remote-party prefixes (calls; the caller, or the destination of an outbound call)"
+    remote = f"Top remote-party prefixes ({unit}; the caller, or the destination of an outbound call)"
     lines += _tallies(remote, evidence.top_caller_prefixes)
     specifics = [
         ("Source IP", evidence.source_ip),

@@ -115,6 +115,7 @@ def test_detector_specifics_are_shown_when_the_alert_has_them() -> None:
         assert expected in body, expected
     assert "Top source IPs" not in body  # no tallies given, no empty section
     assert "First call:  2025-06-01T12:00:00.000Z  -" in body
+    assert " numbers in " in body and " calls in " not in body  # a sweep counts numbers, not calls
 
 
 def test_an_alert_without_an_account_says_so() -> None:
