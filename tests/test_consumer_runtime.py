@@ -89,11 +89,13 @@ class Recorder:
 
 
 @contextlib.asynccontextmanager
-async def running(nats_url: str, handler, *, batch: int = 8) -> AsyncIterator:  # noqa: ANN001
-    """A broker with one consumer on the `fraud` durable (CALLS, call.offered.*), started
-    and stopped as callplane.service does."""
+async def running(
+    nats_url: str, handler, *, batch: int = 8, spec: topology.ConsumerSpec | None = None, register=consume  # noqa: ANN001
+) -> AsyncIterator:
+    """A broker with one consumer (by default on the `fraud` durable: CALLS, call.offered.*),
+    started and stopped as callplane.service does."""
     broker = make_broker(NatsSettings(nats_url=nats_url), service="fraud")
-    consume(broker, topology.consumer("fraud"), handler, batch=batch)
+    register(broker, spec or topology.consumer("fraud"), handler, batch=batch)
     await broker.start()
     await start_consumers(broker)
     try:
@@ -444,17 +446,8 @@ class BatchRecorder:
         ]
 
 
-@contextlib.asynccontextmanager
-async def running_batches(nats_url: str, handler, spec: topology.ConsumerSpec | None = None) -> AsyncIterator:  # noqa: ANN001
-    broker = make_broker(NatsSettings(nats_url=nats_url), service="fraud")
-    runtime.consume_batches(broker, spec or topology.consumer("fraud"), handler, batch=64)
-    await broker.start()
-    await start_consumers(broker)
-    try:
-        yield broker
-    finally:
-        await stop_consumers(broker)
-        await broker.stop()
+def running_batches(nats_url: str, handler, spec: topology.ConsumerSpec | None = None):  # noqa: ANN001, ANN201
+    return running(nats_url, handler, batch=64, spec=spec, register=runtime.consume_batches)
 
 
 async def test_a_batch_handler_gets_messages_in_stream_order_and_each_input_is_acked_after_its_outputs(

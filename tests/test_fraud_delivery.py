@@ -15,7 +15,6 @@ import hashlib
 import hmac
 import socket
 import ssl
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -26,7 +25,6 @@ from email import message_from_bytes, policy
 import httpx
 import pytest
 import structlog
-import uvicorn
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 from standardwebhooks import Webhook
@@ -48,6 +46,7 @@ from services.fraud.delivery import (
     render_email,
     send_email,
 )
+from tests.http_server import bound_socket, serve_app
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 USER, PASSWORD = "alerts", "s3cret-Pa55word"
@@ -343,8 +342,7 @@ class Receiver:
 
 @contextmanager
 def http_receiver() -> Iterator[Receiver]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
+    sock = bound_socket()
     receiver = Receiver(port=sock.getsockname()[1])
 
     async def hook(request: Request) -> Response:
@@ -369,17 +367,8 @@ def http_receiver() -> Iterator[Receiver]:
         return Response(status_code=404)
 
     app = Starlette(routes=[Route("/alerts/{scenario}", hook, methods=["POST"])])
-    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not uv.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    yield receiver
-    uv.should_exit = True
-    thread.join(timeout=5)
-    sock.close()
+    with serve_app(app, sock):
+        yield receiver
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -22,7 +21,6 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import msgspec
 import pytest
-import uvicorn
 from standardwebhooks import Webhook, WebhookVerificationError
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -45,6 +43,7 @@ from services.gatekeeper.webhook import (
     parse_answer,
     sign,
 )
+from tests.http_server import bound_socket, serve_app
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 NOW = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
@@ -99,8 +98,7 @@ class LocalServer:
 @contextmanager
 def serving(**tls: str) -> Iterator[LocalServer]:
     """The hook app under uvicorn in a thread on 127.0.0.1, a free port; TLS if given files."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
+    sock = bound_socket()
     local = LocalServer(port=sock.getsockname()[1])
 
     async def hook(request: Request) -> Response:
@@ -112,18 +110,8 @@ def serving(**tls: str) -> Iterator[LocalServer]:
         return Response(content, status_code=status, headers=headers, media_type="application/json")
 
     app = Starlette(routes=[Route("/hook/{scenario}", hook, methods=["POST"])])
-    config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2, **tls)
-    uv = uvicorn.Server(config)
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not uv.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    yield local
-    uv.should_exit = True
-    thread.join(timeout=5)
-    sock.close()
+    with serve_app(app, sock, **tls):
+        yield local
 
 
 @pytest.fixture(scope="module")
