@@ -12,6 +12,8 @@ Each phase starts on empty streams (`callplane.topology.setup`). The meter phase
   2. publish call.ended of every call while no meter runs;
   3. start the meter again (loading its books is not timed) and time from its consumers'
      start to the last ledger.charged received (published only after its rows committed).
+  4. while it runs, send hold_credit requests one at a time at --hold-rate per second (each
+     is answered once the hold is committed) and report their p50 / p99.
 Then the ledger file is checked: exactly one charge per call, each the amount
 `services.meter.core.rate_call` gives, and the balances agree (exactly once).
 
@@ -140,7 +142,7 @@ async def open_meter(url: str, home: Path):  # noqa: ANN201
     return await open_service("meter", settings, wire)
 
 
-async def meter_phase(url: str, n: int, timeout: float) -> dict:
+async def meter_phase(url: str, n: int, timeout: float, server_pid: int, hold_rate: int) -> dict:
     setup, start, ends = calls(n)
     home = Path(tempfile.mkdtemp(prefix="bench-meter-"))
     nc = await nats.connect(url)
@@ -162,7 +164,7 @@ async def meter_phase(url: str, n: int, timeout: float) -> dict:
         counter = ChargeCounter(nc, n)
         await counter.start()
         service = await open_meter(url, home)  # loads its books: not timed
-        cpu0, started = time.process_time(), time.perf_counter()
+        cpu0, server0, started = time.process_time(), process_cpu_s(server_pid), time.perf_counter()
         profile = cProfile.Profile() if os.environ.get("BENCH_PROFILE") else None
         if profile:
             profile.enable()
@@ -172,15 +174,45 @@ async def meter_phase(url: str, n: int, timeout: float) -> dict:
             profile.disable()
             pstats.Stats(profile, stream=sys.stderr).sort_stats("tottime").print_stats(25)
         elapsed, cpu = counter.last - started, time.process_time() - cpu0
+        server = process_cpu_s(server_pid) - server0
         while not await drained(js, "meter-calls", "CALLS"):
             await asyncio.sleep(0.05)
+        holds = await hold_latency(nc, rate=hold_rate, seconds=3)
         await service.stop()
     finally:
         gc.unfreeze()
         gc.set_threshold(*thresholds)
         await nc.close()
     return {"calls_per_s": n / elapsed, "elapsed_s": elapsed, "cpu_us_per_call": cpu / n * 1e6,
+            "server_cpu_us_per_call": server / n * 1e6, "holds": holds,
             "verification": verify(home / "meter" / "ledger.duckdb", ends)}  # fmt: skip
+
+
+async def hold_latency(nc, *, rate: int, seconds: float) -> dict:  # noqa: ANN001
+    """hold_credit requests at `rate` per second, one at a time as a quiet gatekeeper sends
+    them: request sent -> reply received (each reply waits for the hold's commit)."""
+    from schemas import decode_reply, encode_message, rpc
+    from schemas.commands import HoldCredit
+
+    latencies: list[float] = []
+    refused = 0
+
+    async def one(i: int) -> None:
+        nonlocal refused
+        command = HoldCredit(call_id=f"lat_{i}", account_id=f"acct_{i % ACCOUNTS}", number="+48123450000")
+        sent = time.perf_counter()
+        reply = decode_reply((await nc.request(rpc("meter", "hold_credit"), encode_message(command), timeout=5)).data)
+        latencies.append(time.perf_counter() - sent)
+        refused += not reply.ok
+
+    tasks, start = [], time.perf_counter()
+    for i in range(int(rate * seconds)):
+        await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
+        tasks.append(asyncio.create_task(one(i)))
+    await asyncio.gather(*tasks)
+    latencies.sort()
+    pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000  # noqa: E731
+    return {"rate": rate, "requests": len(latencies), "refused": refused, "p50_ms": pick(0.5), "p99_ms": pick(0.99)}
 
 
 def verify(database: Path, ends: list[CallEnded]) -> str:
@@ -190,7 +222,9 @@ def verify(database: Path, ends: list[CallEnded]) -> str:
         rows = con.execute("SELECT call_id, count(*), sum(amount_millicredits) FROM ledger "
                            "WHERE kind = 'charged' GROUP BY call_id").fetchall()  # fmt: skip
         balance = con.execute("SELECT sum(balance_millicredits) FROM accounts").fetchall()[0][0]
-        open_holds = con.execute("SELECT count(*) FROM holds WHERE status = 'open'").fetchall()[0][0]
+        open_holds = con.execute(  # the latency phase's holds are left open on purpose
+            "SELECT count(*) FROM holds WHERE status = 'open' AND call_id NOT LIKE 'lat_%'"
+        ).fetchall()[0][0]
     wrong = [c for c, count, amount in rows if count != 1 or amount != expected.get(c)]
     problems = []
     if len(rows) != len(expected) or wrong:
@@ -205,7 +239,7 @@ def verify(database: Path, ends: list[CallEnded]) -> str:
 # -- the raw baseline -------------------------------------------------------------------------
 
 
-async def baseline_phase(url: str, n: int, timeout: float, window: int = 1000) -> dict:
+async def baseline_phase(url: str, n: int, timeout: float, server_pid: int, window: int = 1000) -> dict:
     """nats-py only: continuous pull on meter-calls, decode, rate, publish ledger.charged
     pipelined, ack each input after its PubAck."""
     _, _, ends = calls(n)
@@ -252,17 +286,28 @@ async def baseline_phase(url: str, n: int, timeout: float, window: int = 1000) -
             await future
             await msg.ack()
 
-    cpu0, started = time.process_time(), time.perf_counter()
+    cpu0, server0, started = time.process_time(), process_cpu_s(server_pid), time.perf_counter()
     ack_task = asyncio.create_task(acker())
     await nc.subscribe(inbox, cb=on_message)
     await top_up()
     try:
         await asyncio.wait_for(counter.done.wait(), timeout)
         elapsed, cpu = counter.last - started, time.process_time() - cpu0
+        server = process_cpu_s(server_pid) - server0
     finally:
         ack_task.cancel()
         await nc.close()
-    return {"calls_per_s": n / elapsed, "elapsed_s": elapsed, "cpu_us_per_call": cpu / n * 1e6}
+    return {"calls_per_s": n / elapsed, "elapsed_s": elapsed, "cpu_us_per_call": cpu / n * 1e6,
+            "server_cpu_us_per_call": server / n * 1e6}  # fmt: skip
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc), in seconds."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
 
 
 async def main() -> int:
@@ -270,10 +315,11 @@ async def main() -> int:
     parser.add_argument("--calls", type=int, default=20_000, help="calls billed per phase (default 20000)")
     parser.add_argument("--timeout", type=float, default=120, help="limit of each phase in seconds")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--hold-rate", type=int, default=500, help="hold_credit requests/s in the latency phase")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as store, local_server(Path(store)) as (url, _proc):
-        baseline = await baseline_phase(url, args.calls, args.timeout)
-        meter = await meter_phase(url, args.calls, args.timeout)
+    with tempfile.TemporaryDirectory() as store, local_server(Path(store)) as (url, server):
+        baseline = await baseline_phase(url, args.calls, args.timeout, server.pid)
+        meter = await meter_phase(url, args.calls, args.timeout, server.pid, args.hold_rate)
     ratio = meter["calls_per_s"] / baseline["calls_per_s"]
     if args.json:
         print(json.dumps({"calls": args.calls, "baseline": baseline, "meter": meter, "ratio": ratio}, indent=2))
@@ -282,12 +328,18 @@ async def main() -> int:
         print(f"machine: {os.cpu_count()} CPUs, {platform.platform()}, Python {platform.python_version()}, "
               f"DuckDB {duckdb.__version__}; load average {os.getloadavg()[0]:.2f}")  # fmt: skip
         print(f"{args.calls:,} calls, each in progress with an open hold, then call.ended of every one")
-        print(f"  {'consumer':<40}{'calls/s':>10}{'elapsed':>10}{'CPU us/call':>14}")
+        print(f"  {'consumer':<40}{'calls/s':>10}{'elapsed':>10}{'CPU us/call':>14}{'server us/call':>16}")
         for label, figures in (("baseline: raw nats-py, no ledger", baseline), ("meter (as shipped)", meter)):
             print(f"  {label:<40}{figures['calls_per_s']:>10,.0f}{figures['elapsed_s']:>9.2f}s"
-                  f"{figures['cpu_us_per_call']:>14.1f}")  # fmt: skip
+                  f"{figures['cpu_us_per_call']:>14.1f}{figures['server_cpu_us_per_call']:>16.1f}")  # fmt: skip
+        cpu = meter["cpu_us_per_call"] + meter["server_cpu_us_per_call"]
+        print(f"meter + nats-server CPU per call: {cpu:.0f} us; {os.cpu_count()} CPUs at most "
+              f"{os.cpu_count() * 1e6 / cpu:,.0f} calls/s at that cost")  # fmt: skip
         print(f"meter / baseline: {ratio:.1%}; target >= 20,000 billed calls/s: "
               f"{'met' if meter['calls_per_s'] >= 20_000 else 'NOT met'}")  # fmt: skip
+        h = meter["holds"]
+        print(f"hold_credit at {h['rate']}/s (answered after its commit): p50 {h['p50_ms']:.2f} ms, "
+              f"p99 {h['p99_ms']:.2f} ms over {h['requests']} requests, {h['refused']} refused")  # fmt: skip
         print(f"exactly once: {meter['verification']}")
     return 0 if meter["verification"].startswith("OK") else 1
 

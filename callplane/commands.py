@@ -24,12 +24,17 @@ def serve_commands(
     handle: Callable[[Any], Awaitable[Reply] | Reply],
     *,
     accepts: tuple[type[Command], ...] = (Command,),
+    concurrency: int = 1,
 ) -> None:
     """Answer every command sent to `rpc.<service>.<command>` with `handle(command)`;
     a body that does not decode, or a command the service does not take, gets an
-    `invalid` Reply (never silence, never a crash)."""
+    `invalid` Reply (never silence, never a crash). With `concurrency` > 1, up to that many
+    commands are handled at once (each still starts in arrival order): for a handler that
+    awaits something slow after deciding, such as the meter's commit."""
 
-    @broker.subscriber(rpc(service, "*"), decoder=_raw_body)
+    options = {"max_workers": concurrency} if concurrency > 1 else {}
+
+    @broker.subscriber(rpc(service, "*"), decoder=_raw_body, **options)
     async def on_command(body: bytes) -> bytes:
         try:
             command = decode_command(body)

@@ -147,3 +147,29 @@ async def test_a_rebuild_from_the_streams_equals_the_live_ledger(meter_only: Sta
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "rebuilt.jsonl").read_text() == live
     assert live.count('"balance"') == len(ACCOUNTS)
+
+
+async def test_concurrent_hold_requests_never_reserve_more_than_the_balance(meter_only: Stack, js: JetStreamContext) -> None:
+    """50 hold_credit requests at once over NATS, credit for 7 first minutes: exactly 7 held."""
+    import nats
+
+    from callplane.client import send
+    from schemas.commands import HoldCredit
+
+    at = timestamp(T0)
+    await publish_raw(js, [
+        AccountConfigured(event_id="cfg_h", occurred_at=at, account_id="acct_h", rate_millicredits_per_minute=30_000),
+        AccountCredited(event_id="top_h", occurred_at=at, account_id="acct_h", amount_millicredits=7 * 30_000 + 29_999,
+                        reference="r"),
+    ])  # fmt: skip
+    await drain(js)
+    nc = await nats.connect(meter_only.external_url)
+    try:
+        replies = await asyncio.gather(*(
+            send(nc, "meter", HoldCredit(call_id=f"h{n}", account_id="acct_h", number="+48123450000"))
+            for n in range(50)
+        ))  # fmt: skip
+    finally:
+        await nc.close()
+    assert sum(r.ok for r in replies) == 7
+    assert {r.code for r in replies if not r.ok} == {"insufficient_credits"}

@@ -29,6 +29,7 @@ from .snapshots import SnapshotSchedule, run_snapshots, snapshot_dir
 log = structlog.get_logger()
 
 
+HOLDS_AT_ONCE = 256  # hold requests handled at once (waiting for a shared commit)
 CONSUMER_WINDOW = 2048  # messages in flight per durable at most (the runtime may allow fewer)
 
 
@@ -199,7 +200,8 @@ async def wire(broker: NatsBroker, js: JetStreamContext, settings: MeterSettings
         # per table however few rows it has (bench/README.md, the meter).
         consume_batches(broker, topology.consumer(durable), meter.handler(durable), batch=CONSUMER_WINDOW)
 
-    serve_commands(broker, "meter", meter.serve_holds, accepts=(HoldCredit, HoldCredits))
+    # Holds are decided one by one before their first await; the commits they wait for are shared.
+    serve_commands(broker, "meter", meter.serve_holds, accepts=(HoldCredit, HoldCredits), concurrency=HOLDS_AT_ONCE)
 
     async def supervise_forever() -> None:
         while True:
