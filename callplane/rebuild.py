@@ -22,7 +22,7 @@ async def rebuild(nc: Client, out: Path) -> dict[str, int]:
     if out.exists():
         raise FileExistsError(f"{out} exists: rebuild writes a new ledger, give another path")
     con = ledger.connect(out)
-    meter = Meter(nc.jetstream(), con)
+    meter = Meter(con)
     applied: dict[str, int] = {}
     try:
         for stream, consumer in (("ACCOUNTS", "meter-accounts"), ("CALLS", "meter-calls")):

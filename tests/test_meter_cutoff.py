@@ -30,7 +30,7 @@ def stamp(at: datetime, event_id: str) -> dict:
 
 
 def test_five_calls_on_three_minutes_of_credit_are_cut_off_within_one_increment(tmp_path: Path) -> None:
-    meter = Meter(js=None, con=ledger.connect(tmp_path / "ledger.duckdb"))
+    meter = Meter(ledger.connect(tmp_path / "ledger.duckdb"))
     seq = iter(range(1, 10_000))
 
     def apply(event) -> list:  # noqa: ANN001

@@ -43,16 +43,14 @@ class Meter:
     worker thread, on a cursor of its own) the next one gathers; a handler returns, and its
     input is acked, only once its change is committed."""
 
-    def __init__(
-        self, js: JetStreamContext | None, con: duckdb.DuckDBPyConnection, *, clock: Callable[[], datetime] = _utc_now
-    ) -> None:
-        self.js = js
+    def __init__(self, con: duckdb.DuckDBPyConnection, *, clock: Callable[[], datetime] = _utc_now) -> None:
         self.con = con
         self.clock = clock
         self.books = ledger.load(con)
         self._waiting: list[asyncio.Future] = []  # for the next commit
         self._writer: asyncio.Task | None = None
         self._writing: Batch | None = None  # the group being written now
+        self._stale = False  # memory may not match what the database will hold: load again
 
     def handler(self, consumer: str) -> Callable:
         """The durable's batch handler: apply each event, commit them together, return each
@@ -67,6 +65,9 @@ class Meter:
                 except (UnknownCall, UnknownAccount) as exc:
                     log.info("event_waits_for_an_earlier_one", event_id=event.event_id, reason=str(exc))
                     results.append(exc)
+                except Exception as exc:  # a bug half-way through an event: the books may be off
+                    self._distrust(exc)
+                    raise
             await self.commit()
             return results
 
@@ -78,6 +79,8 @@ class Meter:
         """Apply a source event once (in memory, committed with the next group); return the
         ledger.* events it produced, or, on a redelivery, the ones it produced the first time
         (the publish may not have happened)."""
+        if self._stale:
+            raise LedgerUnavailable("the books are being loaded again")
         produced = self.books.apply(event, consumer, sequence)
         if produced is not None:
             return produced
@@ -104,11 +107,28 @@ class Meter:
         try:
             ledger.write(con, batch)
         except BaseException:
-            # Memory never runs ahead of the database: load the books again, which also drops
-            # whatever was applied after this batch was taken (its waiters fail too).
-            self.books = ledger.load(self.con)
+            self._reload("ledger commit failed")
             raise
         self.books.committed(batch)
+
+    def _reload(self, why: str) -> None:
+        """Memory never runs ahead of the database: load the books again, dropping whatever
+        was applied since the last commit, and fail everyone waiting for it (their inputs are
+        retried, their holds refused)."""
+        waiting, self._waiting = self._waiting, []
+        self.books = ledger.load(self.con)
+        self._stale = False
+        for future in waiting:
+            if not future.done():
+                future.set_exception(LedgerUnavailable(why))
+
+    def _distrust(self, exc: Exception) -> None:
+        """An event failed half-applied: load the books again once the commit being written
+        (if any) is done; until then nothing is applied."""
+        log.error("books_reloaded_after_a_failed_event", exc_info=exc)
+        self._stale = True
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_groups())
 
     async def commit(self) -> None:
         """Return once everything applied so far is committed; raises LedgerUnavailable if
@@ -123,20 +143,19 @@ class Meter:
     async def _write_groups(self) -> None:
         cursor = self.con.cursor()  # the worker thread's own connection to the database
         try:
-            while self._waiting:
+            while self._waiting or self._stale:
+                if self._stale:
+                    self._reload("an event failed half-applied")
+                    continue
                 waiting, self._waiting = self._waiting, []
                 self._writing = batch = self.books.take_pending()
                 try:
                     await asyncio.to_thread(ledger.write, cursor, batch)
                 except Exception as exc:  # noqa: BLE001 - every waiter is told; their inputs are retried
                     self._writing = None
-                    self.books = ledger.load(self.con)  # see _write
-                    waiting += self._waiting
-                    self._waiting = []
-                    log.error("ledger_commit_failed", waiting=len(waiting), exc_info=exc)
-                    for future in waiting:
-                        if not future.done():
-                            future.set_exception(LedgerUnavailable(f"ledger commit failed: {exc!r}"))
+                    self._waiting = waiting + self._waiting
+                    log.error("ledger_commit_failed", waiting=len(self._waiting), exc_info=exc)
+                    self._reload(f"ledger commit failed: {exc!r}")
                     continue
                 self._writing = None
                 self.books.committed(batch)
@@ -151,12 +170,14 @@ class Meter:
     async def serve_holds(self, command: HoldCredit | HoldCredits) -> Reply:
         """Answer `hold_credit` or `hold_credits` once the holds granted are committed."""
         requests = command.requests if isinstance(command, HoldCredits) else [command]
-        replies = [self.hold(request) for request in requests]
         try:
+            if self._stale:
+                raise LedgerUnavailable("the books are being loaded again")
+            replies = [self.hold(request) for request in requests]
             await self.commit()
         except LedgerUnavailable:
             refused = Reply(ok=False, code="unavailable", message="the ledger could not record the hold")
-            replies = [refused] * len(replies)
+            replies = [refused] * len(requests)
         return Reply(ok=True, replies=replies) if isinstance(command, HoldCredits) else replies[0]
 
     def hold(self, command: HoldCredit) -> Reply:
@@ -194,7 +215,7 @@ class LedgerUnavailable(RuntimeError):
 
 async def wire(broker: NatsBroker, js: JetStreamContext, settings: MeterSettings):
     con = ledger.connect(Path(settings.callplane_data_dir) / "meter" / "ledger.duckdb")
-    meter = Meter(js, con)
+    meter = Meter(con)
     for durable in ("meter-calls", "meter-accounts"):
         # A wide window: every message in flight can join the next commit, which costs ~1 ms
         # per table however few rows it has (bench/README.md, the meter).
