@@ -183,7 +183,8 @@ class Books:
 
     def apply(self, event: AnyEvent, consumer: str, sequence: int) -> list[Event] | None:
         """Apply one source event once. Returns the ledger.* events it produced, or None if
-        it had been applied before (its outbox is then in the database or `self.outbox`)."""
+        it had been applied before (its ledger.* events are then in `pending.outbox`, in the
+        batch being written, or in the database)."""
         if event.event_id in self.applied:
             return None
         produced = self._apply(event)
@@ -192,10 +193,6 @@ class Books:
         if produced:
             self.pending.outbox[event.event_id] = produced
         return produced
-
-    def unsaved_outbox(self, event_id: str) -> list[Event] | None:
-        """The ledger.* events of a source event applied since the last commit (None: not one)."""
-        return self.pending.outbox.get(event_id)
 
     def _apply(self, event: AnyEvent) -> list[Event]:
         match event:
