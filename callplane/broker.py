@@ -57,6 +57,9 @@ on any exception, i.e. drops it):
 
 So a poison message never loops and never stops the consumer, and nothing is lost.
 
+A message in flight for longer than half the durable's ack wait gets a +WPI (work in
+progress) so JetStream does not redeliver it while its handler is still busy.
+
 Batches: `consume_batches` hands the messages delivered together to one call of the
 handler (a list, in delivery order), for handlers whose cost is per call rather than per
 event (the meter commits each batch in one transaction). The handler returns each
@@ -68,8 +71,6 @@ call events): the durable has one filter subject, and the runtime acks at once w
 falls outside the spec's `subjects`, before decoding it. Every output carries the header
 Callplane-Origin = the durable that produced it; with `ConsumerSpec.skip_own` that durable
 acks its own outputs unhandled (it applied them when it produced them).
-A message in flight for longer than half the durable's ack wait gets a +WPI (work in
-progress) so JetStream does not redeliver it while its handler is still busy.
 """
 
 from __future__ import annotations
