@@ -13,6 +13,7 @@ from schemas import (
     CallAnswered,
     CallCutoff,
     CallEnded,
+    LedgerHeld,
     timestamp,
 )
 from schemas.commands import HoldCredit
@@ -73,3 +74,25 @@ def test_five_calls_on_three_minutes_of_credit_are_cut_off_within_one_increment(
     assert charged == 3 * RATE < 3 * RATE + RATE * EXTENSION_S // 60
     assert balance == 0
     assert all(at - T0 <= timedelta(seconds=61) for at in cut.values())
+
+
+def test_each_extension_of_a_running_call_s_hold_is_published_as_ledger_held(tmp_path: Path) -> None:
+    meter = Meter(ledger.connect(tmp_path / "ledger.duckdb"))
+    seq = iter(range(1, 10_000))
+    for event in (
+        AccountConfigured(**stamp(T0, "cfg"), account_id="a", rate_millicredits_per_minute=RATE),
+        AccountCredited(**stamp(T0, "top"), account_id="a", amount_millicredits=10 * RATE, reference="r"),
+        CallAccepted(**stamp(T0, "acc"), call_id="c", number=NUMBER, account_id="a", agent_id="x", hold_id="h",
+                     rate_millicredits_per_minute=RATE),
+        CallAnswered(**stamp(T0, "ans"), call_id="c", number=NUMBER),
+    ):  # fmt: skip
+        meter.on_event(event, "meter-calls", next(seq))
+    extensions = []
+    for second in range(1, 3 * 60 + 1):  # three minutes of talk, supervised every second
+        extensions += [e for e in meter.supervise(T0 + timedelta(seconds=second)) if isinstance(e, LedgerHeld)]
+    meter.flush()
+    # The first minute was held at admission; 15 s before each minute runs out, one more.
+    assert [e.amount_millicredits for e in extensions] == [RATE] * 3
+    assert len({e.event_id for e in extensions}) == 3
+    assert meter.con.execute("SELECT amount_millicredits FROM holds WHERE hold_id = 'h'").fetchall() == [(4 * RATE,)]
+    assert meter.con.execute("SELECT count(*) FROM ledger WHERE kind = 'held'").fetchall() == [(4,)]

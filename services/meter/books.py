@@ -409,9 +409,10 @@ class Books:
 
     # -- calls in progress: extend holds or cut off ------------------------------------
 
-    def supervise(self, now: datetime) -> list[CallCutoff]:
-        """Extend the holds of running calls before they run dry; order call.cutoff when an
-        account cannot cover the next minute or a cap is reached."""
+    def supervise(self, now: datetime) -> list[Event]:
+        """Extend the holds of running calls before they run dry (each extension published as
+        a ledger.held of the increment); order call.cutoff when an account cannot cover the
+        next minute or a cap is reached."""
         running = [
             (call, hold)
             for call in self.calls.values()
@@ -423,18 +424,30 @@ class Books:
         calls = [RunningCall(c.call_id, c.account_id, c.answered_s, h.amount) for c, h in running]
         limits = {a: self._limits(self.accounts[a], now) for a in {c.account_id for c in calls} if a in self.accounts}
         by_id = {c.call_id: (c, h) for c, h in running}
-        cutoffs: list[CallCutoff] = []
+        orders: list[Event] = []
         for action in supervise(calls, limits, now.timestamp()):
             call, hold = by_id[action.call_id]
             if isinstance(action, Extend):
                 hold.amount += action.amount_millicredits
                 self.accounts[hold.account_id].held += action.amount_millicredits
                 self.pending.holds.add(hold.call_id)
+                extended = LedgerHeld(
+                    # The amount after it: unique per extension, the same if it is ever derived again.
+                    event_id=f"{hold.hold_id}/extended/{hold.amount}",
+                    occurred_at=timestamp(now),
+                    account_id=hold.account_id,
+                    amount_millicredits=action.amount_millicredits,
+                    balance_millicredits=self.accounts[hold.account_id].balance,
+                    call_id=call.call_id,
+                    hold_id=hold.hold_id,
+                )
+                self._write(extended, extended.event_id, "held", call.call_id, call.number)
+                orders.append(extended)
                 log.info("hold_extended", call_id=call.call_id, millicredits=action.amount_millicredits)
             else:
                 call.cut_off = action.reason
                 self.pending.calls.add(call.call_id)
-                cutoffs.append(
+                orders.append(
                     CallCutoff(
                         event_id=f"cutoff_{call.call_id}",
                         occurred_at=timestamp(now),
@@ -444,7 +457,7 @@ class Books:
                     )
                 )
                 log.warning("call_cutoff", call_id=call.call_id, reason=action.reason)
-        return cutoffs
+        return orders
 
     def _limits(self, account: Account, now: datetime) -> AccountLimits:
         return AccountLimits(
