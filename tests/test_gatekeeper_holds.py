@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
+import nats.errors
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -227,3 +228,34 @@ async def test_hold_batching_off_asks_one_by_one(js: JetStreamContext, nc: Clien
     finally:
         await keeper.holds.stop()
         await keeper.http.aclose()
+
+
+class BrokenConnection:
+    """A NATS client whose requests fail with an error that is not a timeout (closed,
+    draining, or the reconnect buffer full): not an answer from the meter."""
+
+    async def request(self, *_args: object, **_kwargs: object) -> None:
+        raise nats.errors.ConnectionClosedError
+
+
+@pytest.mark.parametrize("count", [1, 3])  # a lone hold_credit, and a hold_credits batch
+async def test_a_hold_request_that_fails_fails_its_handlers_instead_of_leaving_them_waiting(
+    gatekeeper: Gatekeeper, nc: Client, count: int
+) -> None:
+    with_cap(gatekeeper, 3)
+    gatekeeper.holds.nc = BrokenConnection()  # type: ignore[assignment]
+    handlers = [asyncio.ensure_future(gatekeeper.on_call_event(offer, None)) for offer in offers(0, count)]  # type: ignore[arg-type]
+    done, _ = await asyncio.wait(handlers, timeout=2)
+    assert len(done) == count, "a hold never settled: its offer would wait (and hold its slot) forever"
+    for handler in handlers:
+        with pytest.raises(nats.errors.ConnectionClosedError):  # as before batching: the runtime retries it
+            handler.result()
+    # Never admitted on a guess; their retries, with the meter back, decide them, within the cap.
+    gatekeeper.holds.nc = nc
+    meter = StandInMeter(nc)
+    await meter.start()
+    assert reasons(await simultaneously(gatekeeper, offers(0, count) + offers(10, 3))) == {
+        "accepted": 3,
+        "busy": count,
+    }
+

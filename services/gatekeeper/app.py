@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
@@ -113,13 +114,15 @@ class MeterHolds:
         queued, self._queued = self._queued, []
         loop = asyncio.get_running_loop()
         if len(queued) > 1 and self.batching and loop.time() >= self._singles_until:
-            sends = [self._batch(queued[i : i + HOLD_BATCH_MAX]) for i in range(0, len(queued), HOLD_BATCH_MAX)]
+            groups = [queued[i : i + HOLD_BATCH_MAX] for i in range(0, len(queued), HOLD_BATCH_MAX)]
+            sends = [(self._batch(group), group) for group in groups]
         else:
-            sends = [self._single(*item) for item in queued]
-        for send in sends:
+            sends = [(self._single(*item), [item]) for item in queued]
+        for send, items in sends:
             task = loop.create_task(send)
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(functools.partial(_settle_left, [item[2] for item in items]))
 
     async def _single(self, command: HoldCredit, deadline: float, future: asyncio.Future[HoldOutcome]) -> None:
         _settle(future, await self._ask(command, deadline, single=True))
@@ -166,6 +169,20 @@ class MeterHolds:
 def _settle(future: asyncio.Future[HoldOutcome], outcome: HoldOutcome) -> None:
     if not future.done():  # its handler may have been cancelled meanwhile
         future.set_result(outcome)
+
+
+def _settle_left(futures: list[asyncio.Future[HoldOutcome]], task: asyncio.Task) -> None:
+    """A request that ended without settling its holds (an error other than no answer,
+    e.g. the connection closed, or `stop`) fails them, as the request would have failed
+    its handler: none waits forever holding its slot, none is admitted."""
+    error = None if task.cancelled() else task.exception()
+    for future in futures:
+        if future.done():
+            continue
+        if error is None:
+            future.cancel()
+        else:
+            future.set_exception(error)
 
 
 class Gatekeeper:
