@@ -259,3 +259,46 @@ async def test_a_hold_request_that_fails_fails_its_handlers_instead_of_leaving_t
         "busy": count,
     }
 
+
+
+class ChangingMeter(StandInMeter):
+    """Refuses the first hold of call `changing` and grants a later one (credit freed
+    meanwhile), each answered after `delay_s`: what a repeat of an offer whose hold is
+    pending would meet."""
+
+    def __init__(self, nc: Client, changing: str, delay_s: float) -> None:
+        super().__init__(nc)
+        self.changing, self.delay_s = changing, delay_s
+
+    def answer(self, command: HoldCredit) -> Reply:
+        if command.call_id == self.changing and self.singles.count(command.call_id) == 1:
+            return Reply(ok=False, code="insufficient_credits", message="hold refused: insufficient_credits")
+        return super().answer(command)
+
+    async def on_single(self, msg: Msg) -> None:
+        command = decode_command(msg.data)
+        assert isinstance(command, HoldCredit)
+        self.singles.append(command.call_id)
+        reply = self.answer(command)
+        await asyncio.sleep(self.delay_s)
+        await msg.respond(encode_message(reply))
+
+
+async def test_an_offer_repeated_while_its_hold_is_pending_gets_the_same_final_decision(
+    gatekeeper: Gatekeeper, nc: Client
+) -> None:
+    meter = ChangingMeter(nc, "call_0", delay_s=0.1)
+    await meter.start()
+    with_cap(gatekeeper, 1)
+    offer = offers(0, 1)[0]
+    first = asyncio.ensure_future(gatekeeper.on_call_event(offer, None))  # type: ignore[arg-type]
+    await asyncio.sleep(0.03)  # its hold is asked for and not answered yet
+    # The same offer again: JetStream redelivers it, or the edge sent it twice.
+    again = asyncio.ensure_future(gatekeeper.on_call_event(offer, None))  # type: ignore[arg-type]
+    first_out, again_out = await asyncio.wait_for(asyncio.gather(first, again), 2)
+    assert isinstance(first_out[0], CallRejected) and first_out[0].reason == "insufficient_credits"
+    assert again_out == first_out  # published with the same event id: a different answer would be dropped
+    assert meter.singles == ["call_0"]  # one hold asked for one call
+    assert gatekeeper.state.decision("call_0") == first_out[0]
+    # The refusal freed the slot in the state as in the stream: the next call gets it.
+    assert reasons(await simultaneously(gatekeeper, offers(1, 2))) == {"accepted": 1, "busy": 1}

@@ -206,6 +206,9 @@ class Gatekeeper:
         self.box = SecretBox.from_keys(keys) if keys else None
         self._secrets: dict[str, str] = {}  # secret_ref -> webhook signing secret, opened once
         self.holds = MeterHolds(self.nc, self.settings.hold_timeout_ms / 1000, batching=self.settings.hold_batching)
+        # Calls admitted provisionally whose hold (or webhook) is awaited -> the event a repeat
+        # of their offer waits on (made only when one does).
+        self._completing: dict[str, asyncio.Event | None] = {}
 
     async def start(self) -> None:
         """Rebuild the state from the streams, then keep the lifecycle clock ticking."""
@@ -234,17 +237,31 @@ class Gatekeeper:
         return []
 
     async def admit(self, offer: CallOffered) -> list[Event]:
-        if (known := self.state.decided.get(offer.call_id)) is not None:
+        call_id = offer.call_id
+        while call_id in self._completing:
+            # The same offer again (a redelivery, or the edge sent it twice) while its hold or
+            # webhook is awaited: wait for that decision rather than ask the meter again (a
+            # second answer could differ, and the stream keeps only the first published).
+            waiter = self._completing[call_id]
+            if waiter is None:
+                waiter = self._completing[call_id] = asyncio.Event()
+            await waiter.wait()
+        if (known := self.state.decided.get(call_id)) is not None:
             return self._outputs(decode(known))  # a redelivery: the same final decision again
         provisional = decide(self.state, offer, now=self.clock())
         evolve(self.state, provisional)  # takes the slot before any await: exact under concurrency
         if isinstance(provisional, CallRejected):
             log.info("call_rejected", number=provisional.number, reason=provisional.reason)
             return [provisional]
-        hold = await self.request_hold(provisional)
-        verdict = await self.ask_webhook(offer, provisional) if isinstance(hold, Held) else None
-        final = complete(provisional, hold=hold, webhook=verdict, now=self.clock())
-        evolve(self.state, final)
+        self._completing[call_id] = None
+        try:
+            hold = await self.request_hold(provisional)
+            verdict = await self.ask_webhook(offer, provisional) if isinstance(hold, Held) else None
+            final = complete(provisional, hold=hold, webhook=verdict, now=self.clock())
+            evolve(self.state, final)
+        finally:  # decided, or failed (a repeat waiting then tries again, as a retry would)
+            if (waiter := self._completing.pop(call_id)) is not None:
+                waiter.set()
         if isinstance(final, CallAccepted):
             log.info("call_accepted", number=final.number, agent_id=final.agent_id, hold_id=final.hold_id)
         else:
