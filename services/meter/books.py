@@ -100,7 +100,7 @@ class Call:
     number: str
     accepted_at: str
     agent_id: str | None = None
-    status: str = "accepted"  # accepted | rejected (refused after a hold: never charged)
+    status: str = "accepted"  # accepted | missed | rejected (refused after a hold: never charged)
     rate: int | None = None  # as admitted; None: the account's rate
     text_price: int | None = None
     responses: int = 0
@@ -231,7 +231,12 @@ class Books:
                     self.pending.calls.add(event.call_id)
                     self.pending.finished.add(event.call_id)
                 return self._release(event)
-            case CallMissed():
+            case CallMissed():  # a missed call's last event: no call.ended follows
+                call = self.calls.get(event.call_id)
+                if call is not None and call.status == "accepted" and call.answered_at is None:
+                    call.status = "missed"  # not loaded again at start (ledger.load)
+                    self.pending.calls.add(call.call_id)
+                    self.pending.finished.add(call.call_id)
                 return self._release(event)
             case CallAnswered():
                 call = self.call(event.call_id)

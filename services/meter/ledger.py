@@ -36,7 +36,7 @@ CREATE TABLE IF NOT EXISTS calls (
     responses BIGINT NOT NULL DEFAULT 0
 );
 ALTER TABLE calls ADD COLUMN IF NOT EXISTS answered_at TIMESTAMPTZ;
-ALTER TABLE calls ADD COLUMN IF NOT EXISTS status VARCHAR DEFAULT 'accepted';  -- accepted | rejected
+ALTER TABLE calls ADD COLUMN IF NOT EXISTS status VARCHAR DEFAULT 'accepted';  -- accepted | missed | rejected
 ALTER TABLE calls ADD COLUMN IF NOT EXISTS rate_millicredits_per_minute BIGINT;  -- as admitted
 ALTER TABLE calls ADD COLUMN IF NOT EXISTS text_price_millicredits BIGINT;
 ALTER TABLE calls ADD COLUMN IF NOT EXISTS ended BOOLEAN DEFAULT false;

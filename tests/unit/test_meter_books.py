@@ -181,3 +181,22 @@ async def test_an_event_that_fails_half_applied_makes_the_meter_load_its_books_a
     assert state(meter) == before  # the half-applied top-up is gone from memory (new books)
     [[credited]] = await handle([(top_up, Meta)])  # redelivered: applied once, committed
     assert credited.balance_millicredits == meter.books.accounts["a"].balance == before[0]["a"][4] + 7
+
+
+def test_a_missed_call_leaves_memory_once_committed_and_is_not_loaded_again() -> None:
+    """call.missed is a call's last event (no call.ended follows): the call and its released
+    hold must not stay in memory, nor come back at every start."""
+    meter = run(stream(0), flush_every=1)
+    call = {"call_id": "m1", "number": NUMBER}
+    meter.on_event(CallAccepted(event_id="acc_m1", occurred_at=timestamp(T0), account_id="a", agent_id="ag",
+                                hold_id="h_m1", rate_millicredits_per_minute=30_007, **call), "meter-calls", 1)  # fmt: skip
+    meter.on_event(CallMissed(event_id="mis_m1", occurred_at=timestamp(T0), **call), "meter-calls", 2)
+    assert "m1" not in meter.books.calls and "m1" not in meter.books.holds
+    assert "m1" not in Meter(meter.con).books.calls
+    # An answer that raced the ring timeout is still charged what the call used.
+    meter.on_event(CallAnswered(event_id="ans_m1", occurred_at=timestamp(T0), **call), "meter-calls", 3)
+    [charged] = meter.on_event(CallEnded(event_id="end_m1", occurred_at=timestamp(T0), duration_ms=61_000, **call),
+                               "meter-calls", 4)  # fmt: skip
+    assert charged.voice_millicredits == round(30_007 * 61 / 60)
+    assert "m1" not in meter.books.calls
+
