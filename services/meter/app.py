@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -51,6 +51,8 @@ class Meter:
         self._writer: asyncio.Task | None = None
         self._writing: Batch | None = None  # the group being written now
         self._stale = False  # memory may not match what the database will hold: load again
+        # Supervision's orders and ledger.* events, committed and not yet published.
+        self._unpublished: list[Event] = list(self.books.cutoffs_ordered(clock()))
 
     def handler(self, consumer: str) -> Callable:
         """The durable's batch handler: apply each event, commit them together, return each
@@ -201,6 +203,21 @@ class Meter:
         got going. Committed by the next flush; publish what it returns after that."""
         return [*self.books.supervise(now), *self.books.expire_holds(now)]
 
+    async def supervise_round(self, now: datetime, publish: Callable[[list[Event]], Awaitable[object]]) -> None:
+        """Supervise, commit, then publish what that ordered (after the commit: a reservation
+        is durable before it counts). What could not be published is published with the next
+        round: a committed call.cutoff is never ordered again, so it must not be dropped."""
+        orders = self.supervise(now)
+        if self.books.pending:  # extensions too
+            await self.commit()
+        self._unpublished += orders
+        if self._unpublished:
+            orders, self._unpublished = self._unpublished, []
+            try:
+                await publish(orders)
+            except BaseException:
+                self._unpublished[:0] = orders
+                raise
 
     async def close(self) -> None:
         """Let a commit in progress finish (its worker thread writes through the connection)."""
@@ -228,11 +245,7 @@ async def wire(broker: NatsBroker, js: JetStreamContext, settings: MeterSettings
         while True:
             await asyncio.sleep(settings.supervise_ms / 1000)
             try:
-                orders = meter.supervise(meter.clock())
-                if meter.books.pending:  # extensions too: a reservation is durable before it counts
-                    await meter.commit()
-                if orders:
-                    await publish_all(js, orders)
+                await meter.supervise_round(meter.clock(), lambda orders: publish_all(js, orders))
             except Exception:  # noqa: BLE001 - one bad round must not stop supervision
                 log.exception("supervise_failed")
 

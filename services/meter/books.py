@@ -452,17 +452,14 @@ class Books:
             else:
                 call.cut_off = action.reason
                 self.pending.calls.add(call.call_id)
-                orders.append(
-                    CallCutoff(
-                        event_id=f"cutoff_{call.call_id}",
-                        occurred_at=timestamp(now),
-                        call_id=call.call_id,
-                        number=call.number,
-                        reason=action.reason,
-                    )
-                )
+                orders.append(_cutoff(call, now))
                 log.warning("call_cutoff", call_id=call.call_id, reason=action.reason)
         return orders
+
+    def cutoffs_ordered(self, now: datetime) -> list[CallCutoff]:
+        """call.cutoff of every call ordered cut off that has not ended: at start, as the
+        publish of a committed order may not have happened (a crash in between)."""
+        return [_cutoff(call, now) for call in self.calls.values() if call.cut_off is not None and not call.ended]
 
     def _limits(self, account: Account, now: datetime) -> AccountLimits:
         return AccountLimits(
@@ -533,6 +530,16 @@ class Books:
             if hold is None or hold.status != "open":
                 self.calls.pop(call_id, None)
                 self.holds.pop(call_id, None)
+
+
+def _cutoff(call: Call, now: datetime) -> CallCutoff:
+    return CallCutoff(
+        event_id=f"cutoff_{call.call_id}",  # the same every time: JetStream drops a repeat
+        occurred_at=timestamp(now),
+        call_id=call.call_id,
+        number=call.number,
+        reason=call.cut_off,
+    )
 
 
 def local_day(occurred_at: str, tz: str) -> date:

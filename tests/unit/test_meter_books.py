@@ -200,3 +200,34 @@ def test_a_missed_call_leaves_memory_once_committed_and_is_not_loaded_again() ->
     assert charged.voice_millicredits == round(30_007 * 61 / 60)
     assert "m1" not in meter.books.calls
 
+
+
+async def test_a_cutoff_whose_publish_failed_or_was_cut_short_by_a_crash_is_published_again() -> None:
+    """call.cutoff is an order: once committed (the call is marked cut off and never ordered
+    again) it must reach the edge, after a failed publish and after a restart."""
+    meter = run(stream(0), flush_every=1)
+    call = {"call_id": "k1", "number": NUMBER}
+    meter.on_event(AccountConfigured(event_id="cfg_cap", occurred_at=timestamp(T0), account_id="a",
+                                     rate_millicredits_per_minute=30_007, per_call_max_s=30), "meter-accounts", 1)  # fmt: skip
+    meter.on_event(CallAccepted(event_id="acc_k1", occurred_at=timestamp(T0), account_id="a", agent_id="ag",
+                                hold_id="h_k1", rate_millicredits_per_minute=30_007, **call), "meter-calls", 2)  # fmt: skip
+    meter.on_event(CallAnswered(event_id="ans_k1", occurred_at=timestamp(T0), **call), "meter-calls", 3)
+    published: list[Event] = []
+
+    async def broken(events: list[Event]) -> None:
+        raise TimeoutError("no PubAck")
+
+    async def works(events: list[Event]) -> None:
+        published.extend(events)
+
+    with pytest.raises(TimeoutError):
+        await meter.supervise_round(T0 + timedelta(seconds=31), broken)
+    await meter.supervise_round(T0 + timedelta(seconds=32), works)
+    assert [(e.event_id, e.reason) for e in published] == [("cutoff_k1", "per_call_cap")]
+
+    published.clear()
+    restarted = Meter(meter.con)  # a crash after the commit, before the publish
+    await restarted.supervise_round(T0 + timedelta(seconds=33), works)
+    assert [(e.event_id, e.reason) for e in published] == [("cutoff_k1", "per_call_cap")]
+    await restarted.supervise_round(T0 + timedelta(seconds=34), works)
+    assert len(published) == 1  # once per start, not every round
