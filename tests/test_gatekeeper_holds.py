@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import nats.errors
 import pytest
@@ -28,11 +28,11 @@ from schemas import (
     rpc,
     timestamp,
 )
-from schemas.commands import HoldCredit, HoldCredits, HoldView
+from schemas.commands import AnswerCall, HoldCredit, HoldCredits, HoldView
 from services.gatekeeper import app
 from services.gatekeeper.app import Gatekeeper
 from services.gatekeeper.config import GatekeeperSettings
-from services.gatekeeper.core import evolve
+from services.gatekeeper.core import RING_TIMEOUT_S, evolve
 
 NUMBER = "+48123456789"
 ACCOUNT = "acct_holds"
@@ -302,3 +302,21 @@ async def test_an_offer_repeated_while_its_hold_is_pending_gets_the_same_final_d
     assert gatekeeper.state.decision("call_0") == first_out[0]
     # The refusal freed the slot in the state as in the stream: the next call gets it.
     assert reasons(await simultaneously(gatekeeper, offers(1, 2))) == {"accepted": 1, "busy": 1}
+
+
+async def test_a_call_whose_hold_is_pending_is_not_ringing_yet(gatekeeper: Gatekeeper, nc: Client, js: JetStreamContext) -> None:
+    """Lifecycle order: nothing may answer (or miss) a call before it is accepted."""
+    meter = ChangingMeter(nc, "call_0", delay_s=0.2)  # call_0's hold: refused, after 0.2 s
+    await meter.start()
+    with_cap(gatekeeper, 1)
+    handler = asyncio.ensure_future(gatekeeper.on_call_event(offers(0, 1)[0], None))  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)
+    reply = await gatekeeper.answer(AnswerCall(call_id="call_0", number=NUMBER))
+    assert (reply.ok, reply.code) == (False, "not_found")
+    clock = gatekeeper.clock
+    gatekeeper.clock = lambda: clock() + timedelta(seconds=RING_TIMEOUT_S + 1)
+    assert await gatekeeper.publish_due() == []  # nor missed, however late: its ring has not begun
+    gatekeeper.clock = clock
+    assert (await js.stream_info("CALLS")).state.messages == 0  # no call.answered before call.accepted
+    produced = await asyncio.wait_for(handler, 2)
+    assert [type(event) for event in produced] == [CallRejected]

@@ -92,7 +92,7 @@ class State:
     decided: OrderedDict[str, bytes] = field(default_factory=OrderedDict)
     # Provisional admissions (decided, folded in, the meter's hold not answered yet) by call_id.
     pending: OrderedDict[str, CallAccepted] = field(default_factory=OrderedDict)
-    ringing: dict[str, CallAccepted] = field(default_factory=dict)  # accepted, not yet answered
+    ringing: dict[str, CallAccepted] = field(default_factory=dict)  # accepted (with its hold), not yet answered
 
     def decision(self, call_id: str) -> CallAccepted | CallRejected | None:
         """The decision taken for a call: its provisional admission or its final decision."""
@@ -200,7 +200,8 @@ def _fold_decision(state: State, decision: CallAccepted | CallRejected) -> None:
                 admitted_at = _parse_timestamp(decision.occurred_at)
                 line.active[call_id] = Lease(admitted_at, admitted_at + lease_length(decision))
                 line.admitted.append((admitted_at, call_id))
-        state.ringing[call_id] = decision
+        if decision.hold_id is not None:  # accepted for good: it rings (a provisional one does not yet)
+            state.ringing[call_id] = decision
     elif isinstance(earlier, CallAccepted):
         state.ringing.pop(call_id, None)
         if line is not None and line.active.pop(call_id, None) is not None:

@@ -165,3 +165,13 @@ def test_admissions_match_a_brute_force_model_of_slots_and_the_hourly_window(cap
             if expected == "accepted":
                 active.append(f"call_{n}")
                 admitted_at.append(now)
+
+
+def test_a_provisional_admission_does_not_ring_until_its_hold_makes_it_final():
+    state = line()
+    provisional = decide(state, offer("call_1"), now=T0)
+    evolve(state, provisional)
+    assert "call_1" not in state.ringing  # an AnswerCall now would answer a call not accepted
+    assert due(state, T0 + timedelta(seconds=RING_TIMEOUT_S + 1)) == []
+    evolve(state, complete(provisional, hold=Held("hold_1", 300), now=T0))
+    assert [m.call_id for m in due(state, T0 + timedelta(seconds=RING_TIMEOUT_S))] == ["call_1"]
