@@ -339,6 +339,7 @@ class Consumer:
                 in_flight=len(self._inflight),
                 reason="timeout" if usable else "connection closed",
             )
+            self._abandon()
             for task in list(self._tasks):
                 task.cancel()
             if self._tasks:
@@ -353,6 +354,9 @@ class Consumer:
                 await self._ack_sub.unsubscribe()
         self._runner = self._sub = self._ack_sub = None
         log.info("consumer_stopped", durable=self.spec.durable)
+
+    def _abandon(self) -> None:
+        """Stopping on a timeout: start no more handling (what is in flight is redelivered)."""
 
     # -- deliveries (the inbox subscription's callback: one message at a time, in order)
 
@@ -661,6 +665,9 @@ class BatchConsumer(Consumer):
         if len(self._gathered) == 1 and not self._busy:
             # After the deliveries already read from the socket have been gathered too.
             asyncio.get_running_loop().call_soon(self._next_batch)
+
+    def _abandon(self) -> None:
+        self._gathered.clear()  # else the cancelled batch's end would hand them to the handler
 
     def _next_batch(self) -> None:
         if self._busy or not self._gathered:

@@ -531,3 +531,33 @@ async def test_a_durable_that_skips_its_own_outputs_handles_the_same_events_from
     assert [event_id for batch in recorder.batches for event_id in batch] == ["ev_1", "ev_2/answered"]
     [own] = [m for m in await stored(js, "CALLS", ["call.answered.*"]) if m.headers["Nats-Msg-Id"] == "ev_1/answered"]
     assert own.headers[runtime.ORIGIN_HEADER] == "own"
+
+
+async def test_a_batch_consumer_stopped_on_timeout_starts_no_batch_afterwards(nats_url: str, js: JetStreamContext) -> None:
+    """A handler stuck past the stop timeout is cancelled; what gathered behind it is given
+    back to JetStream, not handed to the handler once stop() has returned."""
+    stuck = asyncio.Event()
+    batches: list[list[str]] = []
+
+    async def handler(items: list) -> list:  # noqa: ANN001
+        batches.append([event.event_id for event, _meta in items])
+        await stuck.wait()  # never set: a commit that hangs
+        return [[] for _ in items]
+
+    broker = make_broker(NatsSettings(nats_url=nats_url), service="fraud")
+    runtime.consume_batches(broker, topology.consumer("fraud"), handler, batch=8)
+    await broker.start()
+    await start_consumers(broker)
+    try:
+        [consumer] = consumers(broker)
+        await publish(js, offer("ev_stuck_0", "call_s0"))
+        await wait_until(lambda: len(batches) == 1)
+        for n in range(1, 4):
+            await publish(js, offer(f"ev_stuck_{n}", f"call_s{n}"))
+        await wait_until(lambda: consumer.in_flight == 4)  # gathered behind the stuck batch
+        await stop_consumers(broker, timeout=0.3)
+        await asyncio.sleep(0.3)
+        assert batches == [["ev_stuck_0"]]  # nothing handled after stop
+        assert consumer.in_flight == 0 and not consumer.running
+    finally:
+        await broker.stop()
