@@ -244,7 +244,10 @@ async def test_a_hold_request_that_fails_fails_its_handlers_instead_of_leaving_t
 ) -> None:
     with_cap(gatekeeper, 3)
     gatekeeper.holds.nc = BrokenConnection()  # type: ignore[assignment]
-    handlers = [asyncio.ensure_future(gatekeeper.on_call_event(offer, None)) for offer in offers(0, count)]  # type: ignore[arg-type]
+    handlers = [
+        asyncio.ensure_future(gatekeeper.on_call_event(offer, None))  # type: ignore[arg-type]
+        for offer in offers(0, count)
+    ]
     done, _ = await asyncio.wait(handlers, timeout=2)
     assert len(done) == count, "a hold never settled: its offer would wait (and hold its slot) forever"
     for handler in handlers:
@@ -304,7 +307,9 @@ async def test_an_offer_repeated_while_its_hold_is_pending_gets_the_same_final_d
     assert reasons(await simultaneously(gatekeeper, offers(1, 2))) == {"accepted": 1, "busy": 1}
 
 
-async def test_a_call_whose_hold_is_pending_is_not_ringing_yet(gatekeeper: Gatekeeper, nc: Client, js: JetStreamContext) -> None:
+async def test_a_call_whose_hold_is_pending_is_not_ringing_yet(
+    gatekeeper: Gatekeeper, nc: Client, js: JetStreamContext
+) -> None:
     """Lifecycle order: nothing may answer (or miss) a call before it is accepted."""
     meter = ChangingMeter(nc, "call_0", delay_s=0.2)  # call_0's hold: refused, after 0.2 s
     await meter.start()
