@@ -388,7 +388,8 @@ class Books:
             if call is None or call.status == "rejected":
                 self.pending.finished.add(hold.call_id)
             entry = LedgerReleased(
-                event_id=f"hold_expired_{hold.hold_id}",
+                # A hold can expire again once opened again (a call.accepted after it expired): unique per expiry.
+                event_id=f"{hold.hold_id}/expired/{timestamp(now)}",
                 occurred_at=timestamp(now),
                 account_id=hold.account_id,
                 amount_millicredits=hold.amount,

@@ -231,3 +231,27 @@ async def test_a_cutoff_whose_publish_failed_or_was_cut_short_by_a_crash_is_publ
     assert [(e.event_id, e.reason) for e in published] == [("cutoff_k1", "per_call_cap")]
     await restarted.supervise_round(T0 + timedelta(seconds=34), works)
     assert len(published) == 1  # once per start, not every round
+
+
+def test_a_hold_opened_again_after_it_expired_can_expire_again() -> None:
+    """A call.accepted that comes after its hold expired and left memory (the meter's calls
+    consumer far behind) reserves the first minute again; if that hold is not resolved
+    either, its expiry is a second ledger entry, not the first one's id again (which the
+    ledger refuses, failing every commit it is in and leaving the hold open for good)."""
+    meter = run(stream(0), flush_every=1)
+    assert meter.hold(HoldCredit(call_id="late", account_id="a", number=NUMBER)).ok
+    granted = datetime.fromtimestamp(meter.books.holds["late"].opened_s, UTC)
+    assert len(meter.supervise(granted + timedelta(seconds=HOLD_TTL_S))) == 1
+    meter.flush()
+    assert "late" not in meter.books.holds  # released and let go
+    meter.on_event(CallAccepted(event_id="acc_late", occurred_at=timestamp(T0), call_id="late", number=NUMBER,
+                                account_id="a", agent_id="ag", hold_id="hold_late",
+                                rate_millicredits_per_minute=30_007), "meter-calls", 1)  # fmt: skip
+    assert meter.books.accounts["a"].held == 30_007  # reserved again
+    later = granted + timedelta(seconds=2 * HOLD_TTL_S)
+    assert meter.supervise(later) == []  # the hold's clock starts now
+    [released] = meter.supervise(later + timedelta(seconds=HOLD_TTL_S))
+    meter.flush()
+    assert meter.books.accounts["a"].held == 0
+    assert meter.con.execute("SELECT status FROM holds WHERE call_id = 'late'").fetchall() == [("released",)]
+    assert meter.con.execute("SELECT count(*) FROM ledger WHERE kind = 'released'").fetchall() == [(2,)]
