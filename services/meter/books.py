@@ -527,6 +527,9 @@ class Books:
         for call_id in batch.finished:
             if call_id in self.pending.calls:
                 continue
+            call = self.calls.get(call_id)
+            if call is not None and call.status == "accepted" and not call.ended:
+                continue  # accepted since it was let go (a hold expired before its call.accepted)
             hold = self.holds.get(call_id)
             if hold is None or hold.status != "open":
                 self.calls.pop(call_id, None)

@@ -255,3 +255,18 @@ def test_a_hold_opened_again_after_it_expired_can_expire_again() -> None:
     assert meter.books.accounts["a"].held == 0
     assert meter.con.execute("SELECT status FROM holds WHERE call_id = 'late'").fetchall() == [("released",)]
     assert meter.con.execute("SELECT count(*) FROM ledger WHERE kind = 'released'").fetchall() == [(2,)]
+
+
+def test_a_call_accepted_after_its_hold_expired_stays_in_memory_as_it_is_loaded() -> None:
+    """A hold expiring with no call known lets its call go once committed; a call.accepted
+    applied before that commit makes the call live: memory must keep it, as ledger.load does."""
+    meter = run(stream(0), flush_every=1)
+    assert meter.hold(HoldCredit(call_id="late", account_id="a", number=NUMBER)).ok
+    granted = datetime.fromtimestamp(meter.books.holds["late"].opened_s, UTC)
+    assert len(meter.supervise(granted + timedelta(seconds=HOLD_TTL_S))) == 1
+    meter.apply(CallAccepted(event_id="acc_late", occurred_at=timestamp(T0), call_id="late", number=NUMBER,
+                             account_id="a", agent_id="ag", hold_id="hold_late", rate_millicredits_per_minute=30_007),
+                "meter-calls", 1)  # fmt: skip
+    meter.flush()
+    assert "late" in meter.books.calls
+    assert state(meter) == state(Meter(meter.con))
