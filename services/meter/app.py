@@ -67,6 +67,8 @@ class Meter:
                 except (UnknownCall, UnknownAccount) as exc:
                     log.info("event_waits_for_an_earlier_one", event_id=event.event_id, reason=str(exc))
                     results.append(exc)
+                except LedgerUnavailable:
+                    raise  # the books are being loaded again: the batch is retried
                 except Exception as exc:  # a bug half-way through an event: the books may be off
                     self._distrust(exc)
                     raise

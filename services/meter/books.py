@@ -217,6 +217,10 @@ class Books:
                 self._write(entry, event.event_id, "credited", None, None)
                 return [entry]
             case CallAccepted():
+                if event.hold_id and event.rate_millicredits_per_minute is None and event.account_id not in self.accounts:
+                    # An event from before call.accepted carried the prices: its hold needs the
+                    # account's rate. Checked before anything changes, so the retry starts clean.
+                    raise UnknownAccount(f"account {event.account_id} is not configured (yet)")
                 if event.call_id not in self.calls:
                     self.calls[event.call_id] = Call(
                         event.call_id, event.account_id, event.number, event.occurred_at, agent_id=event.agent_id,
@@ -328,13 +332,10 @@ class Books:
 
     def _record_hold(self, accepted: CallAccepted) -> list[Event]:
         """The ledger's record of a hold comes from call.accepted, so a replay rebuilds it."""
-        rate = accepted.rate_millicredits_per_minute
-        if rate is None:  # an event from before call.accepted carried the prices
-            known = self.accounts.get(accepted.account_id)
-            if known is None:
-                raise UnknownAccount(f"account {accepted.account_id} is not configured (yet)")
-            rate = known.rate
         account = self.account(accepted.account_id)  # its settings may come later
+        rate = accepted.rate_millicredits_per_minute
+        if rate is None:  # an event from before call.accepted carried the prices (known: checked in _apply)
+            rate = account.rate
         amount = round_half_up_div(rate * 60, 60)
         if accepted.call_id not in self.holds:
             self._open(Hold(accepted.hold_id, accepted.call_id, accepted.account_id, amount))

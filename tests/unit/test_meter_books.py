@@ -25,7 +25,7 @@ from schemas import (
 )
 from services.meter import ledger
 from services.meter.app import LedgerUnavailable, Meter
-from services.meter.books import HOLD_TTL_S
+from services.meter.books import HOLD_TTL_S, UnknownAccount
 from services.meter.ledger import canonical_export
 from schemas.commands import HoldCredit
 
@@ -270,3 +270,12 @@ def test_a_call_accepted_after_its_hold_expired_stays_in_memory_as_it_is_loaded(
     meter.flush()
     assert "late" in meter.books.calls
     assert state(meter) == state(Meter(meter.con))
+
+
+def test_an_admission_waiting_for_its_account_changes_nothing_until_it_can_be_applied() -> None:
+    meter = Meter(ledger.connect(":memory:"))
+    early = CallAccepted(event_id="acc_early", occurred_at=timestamp(T0), call_id="early", number=NUMBER,
+                         account_id="later", agent_id="ag", hold_id="h_early")  # no prices: the account's are needed
+    with pytest.raises(UnknownAccount):
+        meter.apply(early, "meter-calls", 1)
+    assert not meter.books.pending and "early" not in meter.books.calls
