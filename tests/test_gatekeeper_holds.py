@@ -253,6 +253,10 @@ async def test_a_hold_request_that_fails_fails_its_handlers_instead_of_leaving_t
     for handler in handlers:
         with pytest.raises(nats.errors.ConnectionClosedError):  # as before batching: the runtime retries it
             handler.result()
+    # Not admitted, so holding nothing: their slots and window places are free until their
+    # retries (or, if those never come, at once rather than when a lease runs out).
+    line = gatekeeper.state.lines[NUMBER]
+    assert line.active == {} and not line.admitted and not gatekeeper.state.pending
     # Never admitted on a guess; their retries, with the meter back, decide them, within the cap.
     gatekeeper.holds.nc = nc
     meter = StandInMeter(nc)

@@ -65,6 +65,7 @@ from .core import (
     decide,
     due,
     evolve,
+    withdraw,
 )
 
 log = structlog.get_logger()
@@ -259,6 +260,9 @@ class Gatekeeper:
             verdict = await self.ask_webhook(offer, provisional) if isinstance(hold, Held) else None
             final = complete(provisional, hold=hold, webhook=verdict, now=self.clock())
             evolve(self.state, final)
+        except BaseException:  # not decided (the runtime retries the offer): it holds no slot meanwhile
+            withdraw(self.state, provisional)
+            raise
         finally:  # decided, or failed (a repeat waiting then tries again, as a retry would)
             if (waiter := self._completing.pop(call_id)) is not None:
                 waiter.set()

@@ -7,6 +7,7 @@ passed in, and derived event ids come from the source event's id.
                                     checks 10-12: the meter's credit hold (daily voice cap,
                                     credit; no answer -> billing_unavailable) and the pre-call
                                     webhook; gives the final call.accepted or call.rejected.
+    withdraw(state, provisional)    gives back a provisional admission that could not be completed
     evolve(state, event)            folds any event in; a provisional admission folded in
                                     holds its slot, so concurrent offers never exceed a cap.
     due(state, now)                 lifecycle events that time makes due: call.missed after
@@ -206,6 +207,17 @@ def _fold_decision(state: State, decision: CallAccepted | CallRejected) -> None:
         state.ringing.pop(call_id, None)
         if line is not None and line.active.pop(call_id, None) is not None:
             _withdraw(line.admitted, call_id)
+
+
+def withdraw(state: State, provisional: CallAccepted) -> None:
+    """Give back what a provisional admission took (its slot, its place in the windows) when
+    it can be neither completed nor refused (the hold request broke): the call was never
+    admitted, and its offer is decided afresh when it comes again."""
+    if state.pending.pop(provisional.call_id, None) is None:
+        return
+    line = state.lines.get(provisional.number)
+    if line is not None and line.active.pop(provisional.call_id, None) is not None:
+        _withdraw(line.admitted, provisional.call_id)
 
 
 def _timestamp(now: datetime) -> str:

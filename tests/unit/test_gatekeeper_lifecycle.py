@@ -19,6 +19,7 @@ from services.gatekeeper.core import (
     decide,
     due,
     evolve,
+    withdraw,
 )
 from schemas import CallRejected
 from tests.unit.test_gatekeeper_core import T0, ended, line, offer, outcome
@@ -175,3 +176,14 @@ def test_a_provisional_admission_does_not_ring_until_its_hold_makes_it_final():
     assert due(state, T0 + timedelta(seconds=RING_TIMEOUT_S + 1)) == []
     evolve(state, complete(provisional, hold=Held("hold_1", 300), now=T0))
     assert [m.call_id for m in due(state, T0 + timedelta(seconds=RING_TIMEOUT_S))] == ["call_1"]
+
+
+def test_a_provisional_admission_withdrawn_gives_back_its_slot_and_window_place():
+    state = line(max_concurrent_calls=1, max_calls_per_hour=1)
+    provisional = decide(state, offer("call_1"), now=T0)
+    evolve(state, provisional)  # waiting for the hold, which then breaks
+    assert outcome(decide(state, offer("call_2"), now=T0)) == ("busy", 486)
+    withdraw(state, provisional)
+    withdraw(state, provisional)  # once: a second withdrawal changes nothing
+    assert outcome(admit(state, "call_2")) == ("accepted", None)  # neither the slot nor the window counted it
+    assert outcome(decide(state, offer("call_3"), now=T0)) == ("busy", 486)
