@@ -61,6 +61,7 @@ from schemas import (  # noqa: E402
     subject_for,
     timestamp,
 )
+from bench.admission import process_cpu_s  # noqa: E402
 from services.meter.core import rate_call  # noqa: E402
 from tests.nats_server import local_server  # noqa: E402
 
@@ -300,14 +301,6 @@ async def baseline_phase(url: str, n: int, timeout: float, server_pid: int, wind
     return {"calls_per_s": n / elapsed, "elapsed_s": elapsed, "cpu_us_per_call": cpu / n * 1e6,
             "server_cpu_us_per_call": server / n * 1e6}  # fmt: skip
 
-
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU time of a process (Linux /proc), in seconds."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return float("nan")
 
 
 async def main() -> int:
