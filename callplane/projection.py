@@ -18,6 +18,7 @@ import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 
 from schemas import STREAMS, AnyEvent, DecodeError, decode
 
@@ -44,11 +45,13 @@ class Projection:
         self._sub = None
 
     async def follow(self, timeout: float = 60.0) -> None:
-        self._target = (await self._js.stream_info(self._stream)).state.last_seq
-        nothing_to_replay = self._target == 0
+        state = (await self._js.stream_info(self._stream)).state
+        self._target = state.last_seq
+        nothing_to_replay = state.messages == 0  # empty, or purged (last_seq stays where it was)
         if not nothing_to_replay and self._since is not None:
-            last = await self._js.get_msg(self._stream, seq=self._target)
-            nothing_to_replay = last.time is not None and _aware(last.time) < self._since
+            with contextlib.suppress(NotFoundError):  # the last one was deleted: replay what is left
+                last = await self._js.get_msg(self._stream, seq=self._target)
+                nothing_to_replay = last.time is not None and _aware(last.time) < self._since
         if nothing_to_replay:
             self._caught_up.set()
         options = (
@@ -83,7 +86,9 @@ class Projection:
         except DecodeError as exc:
             # Durable consumers dead-letter such messages; a projection just skips them.
             log.warning("projection_skipped_undecodable", stream=self._stream, position=self.position, error=str(exc))
-        if self.position >= self._target:
+        # Caught up: at the last sequence seen at start, or nothing left to deliver (the
+        # messages up to that sequence may have been deleted).
+        if self.position >= self._target or msg.metadata.num_pending == 0:
             self._caught_up.set()
 
 

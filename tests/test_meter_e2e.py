@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from nats.js import JetStreamContext
 
-from callplane import topology
 from callplane.embedded import Stack
 from callplane.rebuild import export
+from tests.conftest import fresh_streams
 from schemas import (
     AccountConfigured,
     AccountCredited,
@@ -91,9 +91,7 @@ async def drain(js: JetStreamContext, timeout: float = 600) -> None:
 
 async def reset(js: JetStreamContext) -> None:
     """Empty streams, new consumers, and no memory of message ids (a purge keeps it)."""
-    for name in ("CALLS", "ACCOUNTS", "LEDGER"):
-        await js.delete_stream(name)
-    await topology.setup(js)
+    await fresh_streams(js, ("CALLS", "ACCOUNTS", "LEDGER"))
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ import re
 from collections.abc import Iterator
 
 import nats
-import nats.js.errors
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -27,12 +26,11 @@ from schemathesis.python import asgi
 from schemathesis.schemas import BaseSchema
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from callplane import topology
-from schemas import STREAMS
 from services.provisioner.app import Provisioner
 from services.provisioner.config import ProvisionerSettings
 from services.provisioner.http import AdminApi, build_app
 from callplane.secrets import SecretBox
+from tests.conftest import fresh_streams
 
 # Per operation and mode; raise it for a longer hunt: FUZZ_EXAMPLES=1000 pytest tests/test_provisioner_fuzz.py
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "25"))
@@ -70,12 +68,7 @@ class ProvisionerOnItsOwnLoop:
     async def start(self) -> None:
         self.nc = await nats.connect(self.nats_url)
         js = self.nc.jetstream()
-        for name in [*STREAMS, *(f"KV_{bucket}" for bucket in topology.KV_BUCKETS)]:
-            try:
-                await js.delete_stream(name)
-            except nats.js.errors.NotFoundError:
-                pass
-        await topology.setup(js)
+        await fresh_streams(js)
         self.provisioner = Provisioner(js, self.settings)
         await self.provisioner.start()
         self.app = build_app(self.provisioner, self.settings)
