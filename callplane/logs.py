@@ -96,13 +96,13 @@ class TurnWriter:
     fatal = failure = err = error = critical = exception = msg
 
     def flush(self) -> None:
-        with self._lock:
+        with self._lock:  # held while writing: lines from two threads never interleave or swap
             lines, self._lines = self._lines, []
             self._flush_in = None
-        if lines:
-            lines.append("")
-            self.file.write("\n".join(lines))
-            self.file.flush()
+            if lines:
+                lines.append("")
+                self.file.write("\n".join(lines))
+                self.file.flush()
 
 
 _writers: dict[int, TurnWriter] = {}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
+import time
 from datetime import UTC, datetime
 
 import structlog
@@ -72,6 +74,40 @@ def test_lines_left_when_a_loop_stops_go_out_with_the_next_line_or_at_flush() ->
         loop.close()
     writer.msg("after the loop")  # no loop: written at once, with what was left
     assert "".join(file.writes) == "last of the loop\nafter the loop\n"
+
+
+def test_lines_from_several_threads_are_written_one_write_at_a_time_in_order() -> None:
+    class SlowFile(File):
+        def __init__(self) -> None:
+            super().__init__()
+            self.writing = False
+            self.overlaps = 0
+
+        def write(self, text: str) -> int:
+            if self.writing:
+                self.overlaps += 1
+            self.writing = True
+            time.sleep(0.001)  # widen the window another thread's write could fall into
+            self.writing = False
+            return super().write(text)
+
+    file = SlowFile()
+    writer = TurnWriter(file)
+
+    def log(name: str) -> None:
+        for i in range(20):
+            writer.msg(f"{name} {i}")
+
+    threads = [threading.Thread(target=log, args=(f"t{n}",)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    lines = "".join(file.writes).splitlines()
+    assert file.overlaps == 0
+    assert sorted(lines) == sorted(f"t{n} {i}" for n in range(4) for i in range(20))
+    for n in range(4):  # each thread's lines in the order it logged them
+        assert [line for line in lines if line.startswith(f"t{n} ")] == [f"t{n} {i}" for i in range(20)]
 
 
 def test_a_configured_json_line_has_its_fields_and_a_utc_timestamp(monkeypatch) -> None:  # noqa: ANN001
