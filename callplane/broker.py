@@ -33,9 +33,12 @@ Ordering and concurrency, which handlers may rely on:
       (a message whose handler awaits does not hold up the next ones). An event of the
       same call may thus be handled while an earlier one's handler is still awaiting.
     - A handler returns the events it produced. They are published in order, pipelined
-      (Nats-Msg-Id = event_id; each PubAck comes back on a reply subject of the
-      consumer's own), and the input is acked only once JetStream acknowledged every one
-      of them.
+      (Nats-Msg-Id = event_id), and the input is acked only once JetStream acknowledged
+      every one of them. Outputs to a stream with `allow_batched` (every stream of
+      `callplane nats setup`) go out as an ADR-50 fast-ingest batch per stream and
+      event-loop turn: JetStream stores each as it arrives and answers the batch once, when
+      the turn's end commits it (an error names the message it refused). Other streams
+      answer each output with a PubAck on a reply subject of the consumer's own.
     - structlog's contextvars `event_id` and `call_id` are bound in the message's task
       (its own copy of the context): every line the handler logs carries them.
 
@@ -96,7 +99,7 @@ from nats.js import JetStreamContext
 from nats.js.api import PubAck
 from nats.js.errors import NotFoundError
 
-from schemas import AnyEvent, DecodeError, Event, decode, dlq, encode, subject_for
+from schemas import STREAMS, AnyEvent, DecodeError, Event, decode, dlq, encode, subject_for
 
 from . import topology
 from .config import NatsSettings
@@ -132,6 +135,7 @@ PULL_EXPIRES_S = 30.0  # a pull request's life; an expired one is replaced
 PULL_HEARTBEAT_S = 5.0  # idle heartbeat of a pull request; two missed ones: pull again
 PULL_RETRY_S = 1.0  # pause before pulling again when the durable refused a request
 PUBACK_TIMEOUT_S = 5.0  # an output whose PubAck has not come by then counts as not stored
+FAST_BATCH_FLOW = 500  # ADR-50 fast ingest: a flow ack every this many messages (the server's most)
 STOP_TIMEOUT_S = 30.0  # how long stop_consumers waits for handlers in flight
 
 
@@ -252,6 +256,34 @@ class _PubAck(msgspec.Struct):
 _decode_puback = msgspec.json.Decoder(_PubAck).decode
 
 
+class _BatchReply(msgspec.Struct):
+    """What nats-server answers to an ADR-50 fast-ingest batch: a flow ack (`type` "ack"),
+    a message it refused ("err", with `seq`), messages it never got ("gap"), or, with no
+    type, the batch refused at its start (`error`) or the commit's PubAck (`batch`)."""
+
+    type: str = ""
+    seq: int = 0
+    error: dict | None = None
+    batch: str = ""
+
+
+_decode_batch_reply = msgspec.json.Decoder(_BatchReply).decode
+
+
+class _Batch:
+    """A turn's outputs to one stream, published as one fast-ingest batch: each is stored as
+    it arrives, and the commit (an end-of-batch marker sent when the turn ends) is answered
+    with one PubAck for all of them."""
+
+    __slots__ = ("id", "subject", "works", "opened")
+
+    def __init__(self, batch_id: str, subject: str, now: float) -> None:
+        self.id = batch_id
+        self.subject = subject  # the commit marker is sent on a subject of the stream
+        self.works: list[_Work] = []  # whose output has batch sequence i + 1
+        self.opened = now  # committed when this turn ends
+
+
 class Consumer:
     """A continuous pull on one durable, feeding `handle` (see the module docstring)."""
 
@@ -277,6 +309,9 @@ class Consumer:
         self._inflight: set[_Work] = set()
         self._tasks: set[asyncio.Task] = set()
         self._acks: dict[str, _Work] = {}  # PubAck reply subject -> the input it settles
+        self._batched: dict[str, str] = {}  # subject's first token -> its stream, if it takes fast batches
+        self._open: dict[str, _Batch] = {}  # stream -> the batch this turn's outputs join
+        self._batches: dict[str, _Batch] = {}  # batch id -> the batch, until its commit is answered
         self._requested = 0  # messages asked for and not yet delivered (nor expired)
         self._room = asyncio.Event()  # a message was settled: room for one more
         self._wake = asyncio.Event()  # the runner has something to do
@@ -323,8 +358,9 @@ class Consumer:
         self._requested = 0
         self._heard = self._time()
         self._reconnects = nc.stats["reconnects"]
+        self._batched = await _batched_streams(self._js)
         self._ack_prefix = nc.new_inbox() + "."
-        self._ack_sub = await nc.subscribe(self._ack_prefix + "*", cb=self._on_puback)
+        self._ack_sub = await nc.subscribe(self._ack_prefix + ">", cb=self._on_puback)
         self._inbox = nc.new_inbox()
         self._sub = await nc.subscribe(self._inbox, cb=self._on_message)
         self._runner = loop.create_task(self._run(), name=f"consume:{self.spec.durable}")
@@ -363,6 +399,7 @@ class Consumer:
                 await asyncio.wait(list(self._tasks), timeout=1.0)
             self._inflight.clear()
             self._acks.clear()
+            self._batches.clear()
         self._runner.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._runner
@@ -503,20 +540,58 @@ class Consumer:
         self._release(work)
 
     async def _publish(self, work: _Work, events: Sequence[Event]) -> None:
-        """Send the outputs in order, each with a reply subject of ours on which its PubAck
-        comes back (`_on_puback`); the input is acked when all of them came back stored."""
+        """Send the outputs in order, each with a reply subject of ours: its stream's batch of
+        this turn (`_on_batch_reply`), or its own PubAck (`_on_puback`); the input is acked
+        when all of them came back stored."""
         events = list(events)
         work.pending = len(events)  # all of them, before a PubAck can arrive
         work.published = self._time()
         for event in events:
-            self._seq += 1
-            reply = f"{self._ack_prefix}{self._seq}"
-            self._acks[reply] = work
-            work.tokens.append(reply)
+            subject = subject_for(event)
+            stream = self._batched.get(subject.split(".", 1)[0])
+            if stream is not None:
+                reply = self._join_batch(stream, subject, work)
+            else:
+                self._seq += 1
+                reply = f"{self._ack_prefix}{self._seq}"
+                self._acks[reply] = work
+                work.tokens.append(reply)
             headers = {"Nats-Msg-Id": event.event_id, ORIGIN_HEADER: self.spec.durable}
-            await self._nc.publish(subject_for(event), encode(event), reply=reply, headers=headers)
+            await self._nc.publish(subject, encode(event), reply=reply, headers=headers)
+
+    def _join_batch(self, stream: str, subject: str, work: _Work) -> str:
+        """The reply subject of `work`'s next output in this turn's batch to `stream` (ADR-50:
+        <inbox>.<flow>.<gap mode>.<batch sequence>.<operation>.$FI, the batch id being the
+        inbox's last token; operation 0 starts the batch, 1 appends)."""
+        batch = self._open.get(stream)
+        if batch is None:
+            self._seq += 1
+            batch = self._open[stream] = self._batches[str(self._seq)] = _Batch(str(self._seq), subject, self._time())
+            if len(self._open) == 1:  # the first batch of this turn: commit them all when it ends
+                asyncio.get_running_loop().call_soon(self._commit_batches)
+        batch.works.append(work)
+        sequence = len(batch.works)
+        return f"{self._ack_prefix}{batch.id}.{FAST_BATCH_FLOW}.ok.{sequence}.{0 if sequence == 1 else 1}.$FI"
+
+    def _commit_batches(self) -> None:
+        """The turn is over: end each open batch with a commit marker (operation 3, stores
+        nothing), answered by one PubAck for the batch. Outputs published from now on start
+        new batches."""
+        opened, self._open = self._open, {}
+        self._spawn(self._send_commits(list(opened.values())))
+
+    async def _send_commits(self, batches: list[_Batch]) -> None:
+        for batch in batches:
+            reply = f"{self._ack_prefix}{batch.id}.{FAST_BATCH_FLOW}.ok.{len(batch.works) + 1}.3.$FI"
+            try:
+                await self._nc.publish(batch.subject, b"", reply=reply)
+            except Exception as exc:  # noqa: BLE001 - e.g. the connection closed: never answered, retried
+                self._batch_failed(batch, exc)
 
     async def _on_puback(self, msg: Msg) -> None:
+        if msg.subject.endswith(".$FI"):
+            await self._on_batch_reply(msg)
+            return
         work = self._acks.pop(msg.subject, None)
         if work is None or work.settled:
             return  # late: the input was settled already (a failure or a timeout)
@@ -527,12 +602,52 @@ class Consumer:
             try:
                 answer = _decode_puback(msg.data)
                 if answer.error is not None:
-                    error = nats.js.errors.APIError.from_error(answer.error)
+                    error = _api_error(answer.error)
             except msgspec.DecodeError as exc:
                 error = exc
         if error is not None:
             self._publish_failed(work, error)
             return
+        await self._output_stored(work)
+
+    async def _on_batch_reply(self, msg: Msg) -> None:
+        """A fast-ingest batch's answer: a flow ack (nothing to do), one message refused (its
+        input fails), or the commit's PubAck (every other output of the batch is stored).
+        Anything else (the batch refused, a gap, no stream) fails the whole batch."""
+        batch = self._batches.get(msg.subject[len(self._ack_prefix) :].split(".", 1)[0])
+        if batch is None:
+            return  # late: the batch failed or timed out already
+        try:
+            if msg.headers and msg.headers.get("Status") == "503":
+                raise nats.js.errors.NoStreamResponseError()
+            answer = _decode_batch_reply(msg.data)
+            if answer.type == "ack":
+                return
+            if answer.type == "err" and 0 < answer.seq <= len(batch.works):
+                work = batch.works[answer.seq - 1]
+                if not work.settled:
+                    self._publish_failed(work, _api_error(answer.error or {}))
+                return
+            if answer.error is not None:
+                raise _api_error(answer.error)
+            if answer.type or answer.batch != batch.id:
+                raise nats.js.errors.Error(f"fast batch {batch.id}: unexpected answer {msg.data[:200]!r}")
+        except Exception as exc:  # noqa: BLE001 - undecodable counts as not stored
+            self._batch_failed(batch, exc)
+            return
+        del self._batches[batch.id]
+        for work in batch.works:
+            if not work.settled:
+                await self._output_stored(work)
+
+    def _batch_failed(self, batch: _Batch, error: BaseException) -> None:
+        self._batches.pop(batch.id, None)
+        for work in batch.works:
+            if not work.settled:
+                self._publish_failed(work, error)
+
+    async def _output_stored(self, work: _Work) -> None:
+        """One of the input's outputs is stored; once all are, ack the input."""
         work.pending -= 1
         if work.pending == 0:
             work.settled = True
@@ -580,7 +695,7 @@ class Consumer:
         try:
             if meta.num_delivered >= topology.MAX_DELIVER:
                 log.error(f"{what}_dead_lettered", subject=msg.subject, exc_info=exc)
-                await self._dead_letter(work, meta, f"{what} after {meta.num_delivered} deliveries: {exc!r}")
+                await self._dead_letter(work, meta, f"{what} after {meta.num_delivered} deliveries: {_describe(exc)}")
             else:
                 delay = _backoff(meta.num_delivered)
                 log.warning(f"{what}_will_retry", subject=msg.subject, delay_s=delay, exc_info=exc)
@@ -657,6 +772,8 @@ class Consumer:
 
     async def _sweep(self, now: float) -> None:
         """Late PubAcks count as failed publishes; long-running messages get a +WPI."""
+        for batch in [b for b in self._batches.values() if now - b.opened > PUBACK_TIMEOUT_S]:
+            self._batch_failed(batch, nats.errors.TimeoutError(f"fast batch not answered within {PUBACK_TIMEOUT_S:g} s"))
         for work in list(self._inflight):
             if work.settled:
                 continue
@@ -752,6 +869,32 @@ def _timed(coro: Awaitable, report: Callable[[float], None]):  # noqa: ANN202 - 
                 value, error = None, exc
     finally:
         report(busy)
+
+
+async def _batched_streams(js: JetStreamContext) -> dict[str, str]:
+    """First subject token -> stream, for the streams that take fast-ingest batches (ADR-50,
+    `allow_batched`: set by `callplane nats setup`; a stream set up before is answered one
+    PubAck per message until setup runs again and the service restarts)."""
+    batched = {}
+    for name, pattern in STREAMS.items():
+        with contextlib.suppress(NotFoundError):
+            if (await js.stream_info(name)).config.allow_batched:
+                batched[pattern.split(".", 1)[0]] = name
+    return batched
+
+
+def _api_error(error: dict) -> nats.js.errors.APIError:
+    """The JetStream API error an answer carries (nats-py's `from_error` raises it)."""
+    try:
+        nats.js.errors.APIError.from_error(error)
+    except nats.js.errors.APIError as exc:
+        return exc
+    return nats.js.errors.APIError(**error)  # pragma: no cover - from_error always raises
+
+
+def _describe(exc: BaseException) -> str:
+    """An error for a reason header: its type and what it says (repr hides an API error's)."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else repr(exc)
 
 
 def _backoff(num_delivered: int) -> float:

@@ -199,6 +199,7 @@ def stream_config(name: str, *, replicas: int = 1) -> StreamConfig:
         num_replicas=replicas,
         duplicate_window=DUPLICATE_WINDOW_S,
         allow_direct=True,
+        allow_batched=True,  # ADR-50 fast ingest: the consumer runtime's outputs (callplane.broker)
     )
 
 

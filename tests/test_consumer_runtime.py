@@ -268,19 +268,31 @@ async def test_an_output_never_stored_dead_letters_the_input_after_the_last_deli
         await settled(js)
 
 
+async def without_fast_batches(js: JetStreamContext, stream: str) -> None:
+    """The stream as set up before `allow_batched`: answered one PubAck per message."""
+    config = (await js.stream_info(stream)).config
+    config.allow_batched = False
+    await js.update_stream(config)
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["fast batch", "one PubAck each"])
 async def test_a_lost_puback_times_out_the_input_is_handled_again_and_stored_once(
-    nats_url: str, js: JetStreamContext, monkeypatch: pytest.MonkeyPatch
+    nats_url: str, js: JetStreamContext, monkeypatch: pytest.MonkeyPatch, batched: bool
 ) -> None:
-    """The first PubAck never arrives (dropped here): after PUBACK_TIMEOUT_S the offer is
-    nak'd, not acked; the second try publishes the same event id, JetStream drops the
-    copy, answers, and the offer is acked. The decision is stored once."""
+    """The answer that says the output is stored (the batch commit's PubAck, or the output's
+    own) never arrives (dropped here): after PUBACK_TIMEOUT_S the offer is nak'd, not acked;
+    the second try publishes the same event id, JetStream drops the copy, answers, and the
+    offer is acked. The decision is stored once."""
+    if not batched:
+        await without_fast_batches(js, "CALLS")
     monkeypatch.setattr(runtime, "PUBACK_TIMEOUT_S", 0.3)
     dropped = 0
     on_puback = runtime.Consumer._on_puback
 
     async def lossy(self, msg: Msg) -> None:  # noqa: ANN001
         nonlocal dropped
-        if dropped == 0:
+        assert msg.subject.endswith(".$FI") == batched
+        if dropped == 0 and not msg.data.startswith(b'{"type":"ack"'):  # a flow ack says nothing stored
             dropped += 1
             return
         await on_puback(self, msg)
@@ -292,6 +304,51 @@ async def test_a_lost_puback_times_out_the_input_is_handled_again_and_stored_onc
         await settled(js, timeout=15)
     assert dropped == 1 and recorder.attempts["ev_puback_lost"] == 2
     assert len(await stored(js, "CALLS", ["call.accepted.*"])) == 1
+
+
+async def test_a_turn_of_outputs_is_one_fast_batch_answered_once_and_a_refused_output_fails_only_its_input(
+    nats_url: str, js: JetStreamContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two offers handled in one turn, each producing an alert on the same subject, which
+    ALERTS takes once (one message per subject, discard new): both outputs go out in one
+    batch, JetStream refuses the second by its batch sequence, and only that offer is
+    retried (then dead-lettered); the first is acked after the batch's single answer."""
+    monkeypatch.setattr(topology, "BACKOFF_S", (0.1, 0.1, 0.1, 0.1))
+    await topology.setup(js)
+    config = (await js.stream_info("ALERTS")).config
+    config.max_msgs_per_subject, config.discard_new_per_subject = 1, True
+    await js.update_stream(config)
+    batch_sizes: list[int] = []
+    send_commits = runtime.Consumer._send_commits
+
+    async def spy(self, batches) -> None:  # noqa: ANN001
+        batch_sizes.extend(len(b.works) for b in batches)
+        await send_commits(self, batches)
+
+    monkeypatch.setattr(runtime.Consumer, "_send_commits", spy)
+    answers: list[bytes] = []
+    on_puback = runtime.Consumer._on_puback
+
+    async def count(self, msg: Msg) -> None:  # noqa: ANN001
+        answers.append(msg.data)
+        await on_puback(self, msg)
+
+    monkeypatch.setattr(runtime.Consumer, "_on_puback", count)
+    await publish(js, offer("ev_first", "call_1"))
+    await publish(js, offer("ev_second", "call_2"))
+    recorder = Recorder(produce=lambda event: [alert(event)])
+    async with running(nats_url, recorder):
+        [dead] = await dlq_messages(js, 1)
+        await settled(js)
+    assert batch_sizes[0] == 2, f"both outputs in the first batch: {batch_sizes}"
+    assert recorder.attempts == {"ev_first": 1, "ev_second": topology.MAX_DELIVER}
+    assert dead.headers[DLQ_REASON].startswith("publish_failed") and "per subject" in dead.headers[DLQ_REASON]
+    [stored_alert] = await stored(js, "ALERTS", ["fraud.>"])
+    assert stored_alert.headers["Nats-Msg-Id"] == "ev_first/alert"
+    first_batch = [a for a in answers if b'"batch":"' in a or b'"type":"err"' in a][:2]
+    assert b'"type":"err","seq":2' in first_batch[0] and b'"batch":"1"' in first_batch[1], answers
+    # Per batch a flow ack at its start and the commit's answer, plus one per refusal: none per stored output.
+    assert len(answers) == 2 * len(batch_sizes) + topology.MAX_DELIVER, answers
 
 
 async def test_handlers_start_in_stream_order_while_running_concurrently(nats_url: str, js: JetStreamContext) -> None:

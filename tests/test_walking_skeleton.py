@@ -129,3 +129,11 @@ async def test_nats_setup_repairs_a_stream_someone_changed(js: JetStreamContext)
     report = await topology.setup(js)
     assert report.updated == ["stream CALLS"]
     assert (await js.stream_info("CALLS")).config.duplicate_window == topology.DUPLICATE_WINDOW_S
+
+
+async def test_nats_setup_lets_a_stream_set_up_before_fast_batches_take_them(js: JetStreamContext) -> None:
+    config = (await js.stream_info("LEDGER")).config
+    config.allow_batched = False
+    await js.update_stream(config)
+    assert (await topology.setup(js)).updated == ["stream LEDGER"]
+    assert (await js.stream_info("LEDGER")).config.allow_batched is True
