@@ -101,7 +101,7 @@ from nats.js.errors import NotFoundError
 
 from schemas import STREAMS, AnyEvent, DecodeError, Event, decode, dlq, encode, subject_for
 
-from . import topology
+from . import natswire, topology
 from .config import NatsSettings
 
 log = structlog.get_logger()
@@ -297,6 +297,7 @@ class Consumer:
         self._strip = getattr(spec, "strip_tokens", 0)
         self._wants = spec.wants() if hasattr(spec, "wants") else None  # None: every delivery is ours
         self._skip_own = getattr(spec, "skip_own", False)
+        self._origin = natswire.header_line(ORIGIN_HEADER, spec.durable)  # on every output
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._sub = None  # deliveries (the pull requests' inbox)
@@ -341,6 +342,7 @@ class Consumer:
         if self._runner is not None:
             return
         loop = asyncio.get_running_loop()
+        natswire.install()
         self._time = loop.time
         self._nc = nc
         self._js = nc.jetstream()
@@ -556,8 +558,8 @@ class Consumer:
                 reply = f"{self._ack_prefix}{self._seq}"
                 self._acks[reply] = work
                 work.tokens.append(reply)
-            headers = {"Nats-Msg-Id": event.event_id, ORIGIN_HEADER: self.spec.durable}
-            await self._nc.publish(subject, encode(event), reply=reply, headers=headers)
+            header = natswire.header_block(natswire.header_line("Nats-Msg-Id", event.event_id), self._origin)
+            await natswire.publish_with_header(self._nc, subject, encode(event), reply=reply, header=header)
 
     def _join_batch(self, stream: str, subject: str, work: _Work) -> str:
         """The reply subject of `work`'s next output in this turn's batch to `stream` (ADR-50:
