@@ -4,22 +4,47 @@ ledger, measured in the same run.
 
     .venv/bin/python bench/meter.py                  # 20,000 calls, readable report
     .venv/bin/python bench/meter.py --calls 50000 --json
+    BENCH_PROFILE=1 .venv/bin/python bench/meter.py  # + cProfile of the meter process's loop
 
-Each phase starts on empty streams (`callplane.topology.setup`). The meter phase:
-  1. publish the accounts, a top-up, and call.accepted + call.answered of every call; the
-     meter (as shipped: `callplane.service.open_service` with `services.meter.app.wire`)
-     applies them and stops: every call is in progress, with an open hold (not timed);
-  2. publish call.ended of every call while no meter runs;
-  3. start the meter again (loading its books is not timed) and time from its consumers'
-     start to the last ledger.charged received (published only after its rows committed).
-  4. while it runs, send hold_credit requests one at a time at --hold-rate per second (each
-     is answered once the hold is committed) and report their p50 / p99.
+Each phase starts on empty streams (`callplane.topology.setup`). The meter runs as deployed:
+`python -m services.meter`, a process of its own (NATS_URL, CALLPLANE_DATA_DIR in a temporary
+directory, LOG_LEVEL=warning, every other setting at its default); the bench's process only
+publishes, counts ledger.charged and asks for holds. The meter phase:
+  1. publish the accounts, a top-up, and call.accepted + call.answered of every call; a meter
+     process applies them, is stopped with SIGTERM and exits: every call is in progress, with
+     an open hold (not timed);
+  2. pause the meter-calls durable (a JetStream consumer pause) and publish call.ended of every
+     call while no meter runs;
+  3. start a second meter process. It loads its books from the ledger, connects and pulls; the
+     server holds the deliveries while the durable is paused. Once both durables have its pull
+     request waiting (its start-up, reported apart: spawn to ready, and the CPU it took), the
+     pause is set to end 0.25 s ahead; the clock starts at that instant, when the server
+     starts delivering the backlog, and stops at the last ledger.charged received by the bench
+     (each is published only after its rows are committed). Meter CPU = user + system time of
+     the meter process (all its threads: the event loop, the DuckDB writer, DuckDB's own) over
+     that span, from /proc, as for nats-server;
+  4. then, the meter still running, send hold_credit requests one at a time at --hold-rate per
+     second (each is answered once the hold is committed) and report their p50 / p99; the
+     meter is stopped with SIGTERM and must exit cleanly (it owns the DuckDB file).
 Then the ledger file is checked: exactly one charge per call, each the amount
 `services.meter.core.rate_call` gives, and the balances agree (exactly once).
 
+Why a paused durable: it measures what the in-process bench measured (a stored backlog of
+call.ended drained, the books already loaded), with only the process boundary changed. The
+alternatives each add something else to the clock: spawning the meter on the stored backlog
+times the interpreter's start, the imports and the loading of 20,000 calls' books; publishing
+the ends into a running, ready meter puts the publisher's work (the bench's CPU, nats-server
+storing 20,000 messages) inside the timed span, which the baseline does not have, and shapes
+what the meter sees by the publish rate. Why a pause that ends at a set time rather than the
+resume call: nats-server 2.15 does not hand a waiting pull request the messages when a pause
+is lifted by the resume API (they came with the request's next idle heartbeat, up to 5 s
+later); when a pause runs out at its time, its timer delivers them at once (~1.5 ms measured).
+The bench prints when the first ledger.charged arrived, to show it.
+
 The baseline consumes the same call.ended events from the same durable with nats-py only
 (continuous pull, decode, rate, publish ledger.charged pipelined, ack after its PubAck),
-and writes nothing: what the meter's ledger and books cost on top of the messaging.
+and writes nothing: what the meter's ledger and books cost on top of the messaging. It runs in
+the bench's process, next to the bench's ledger.charged counter (as before).
 """
 
 from __future__ import annotations
@@ -27,19 +52,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import cProfile
-import gc
 import json
 import os
 import platform
 import pstats
+import signal
+import subprocess
 import sys
 import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
 
 import duckdb  # noqa: E402
 import nats  # noqa: E402
@@ -62,6 +89,7 @@ from schemas import (  # noqa: E402
     timestamp,
 )
 from bench.admission import process_cpu_s  # noqa: E402
+from services.meter.config import MeterSettings  # noqa: E402
 from services.meter.core import rate_call  # noqa: E402
 from tests.nats_server import local_server  # noqa: E402
 
@@ -131,62 +159,166 @@ class ChargeCounter:
             self.done.set()
 
 
-# -- the meter as shipped -------------------------------------------------------------------
+# -- the meter as deployed: a process of its own ----------------------------------------------
+
+READY_TIMEOUT_S = 120.0  # start-up: the interpreter, the imports, the books loaded from the ledger
+STOP_TIMEOUT_S = 60.0  # SIGTERM to exit (the service's consumers wait up to 30 s for work in flight)
+PAUSE_LEAD_S = 0.25  # the durable's pause is set to end this far ahead: the clock starts then
 
 
-async def open_meter(url: str, home: Path):  # noqa: ANN201
-    from callplane.service import open_service
-    from services.meter.app import wire
-    from services.meter.config import MeterSettings
+class MeterProcess:
+    """`python -m services.meter`, as deployed, with its output in a log file."""
 
-    settings = MeterSettings(nats_url=url, callplane_data_dir=str(home), log_level="warning")
-    return await open_service("meter", settings, wire)
+    def __init__(self, url: str, home: Path, label: str, profile: Path | None = None) -> None:
+        # The bench's environment minus any meter setting: these three, the rest at their defaults.
+        env = {k: v for k, v in os.environ.items() if k.lower() not in MeterSettings.__struct_fields__}
+        env.update(NATS_URL=url, CALLPLANE_DATA_DIR=str(home), LOG_LEVEL="warning",
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))  # fmt: skip
+        argv = [sys.executable, "-m", "services.meter"]
+        if profile is not None:  # the same module under cProfile, switched on and off by signals
+            argv = [sys.executable, str(HERE / "profiled.py"), str(profile), "services.meter"]
+        self.label, self.log = label, home / f"meter-{label}.log"
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        self.spawned = time.perf_counter()
+
+    def cpu_s(self) -> float:
+        """User + system CPU of the process so far, every thread (/proc)."""
+        return process_cpu_s(self.proc.pid)
+
+    def failed(self, what: str) -> RuntimeError:
+        tail = self.log.read_text(errors="replace")[-3000:]
+        status = self.proc.poll()
+        state = "running" if status is None else f"exited with status {status}"
+        return RuntimeError(f"meter process ({self.label}, {state}): {what}; its output:\n{tail}")
+
+    async def wait_until(self, condition, what: str, timeout: float) -> None:  # noqa: ANN001
+        deadline = time.monotonic() + timeout
+        while not await condition():
+            if self.proc.poll() is not None:
+                raise self.failed(f"died before it could {what}")
+            if time.monotonic() > deadline:
+                raise self.failed(f"did not {what} within {timeout:g} s")
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        """SIGTERM, then wait for a clean exit: the service drains and closes the ledger file."""
+        self.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while self.proc.poll() is None:
+            if time.monotonic() > deadline:
+                raise self.failed(f"did not exit within {STOP_TIMEOUT_S:g} s of SIGTERM")
+            await asyncio.sleep(0.05)
+        if self.proc.returncode != 0:
+            raise self.failed("did not exit cleanly after SIGTERM")
+
+
+@contextlib.asynccontextmanager
+async def meter_process(url: str, home: Path, label: str, profile: Path | None = None):  # noqa: ANN201
+    meter = MeterProcess(url, home, label, profile)
+    try:
+        yield meter
+    finally:
+        if meter.proc.poll() is None:  # something failed on the way: never leave it running
+            meter.proc.terminate()
+            try:
+                meter.proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                meter.proc.kill()
+                meter.proc.wait()
+
+
+class TimedChargeCounter(ChargeCounter):
+    """ChargeCounter that also notes when the first ledger.charged arrived."""
+
+    first = 0.0
+
+    async def _on(self, _msg: Msg) -> None:
+        self.seen += 1
+        self.last = time.perf_counter()
+        if self.seen == 1:
+            self.first = self.last
+        if self.seen >= self.expected:
+            self.done.set()
+
+
+def rfc3339(wall: float) -> str:
+    return datetime.fromtimestamp(wall, UTC).isoformat().replace("+00:00", "Z")
+
+
+async def waiting(js: JetStreamContext, durable: str, stream: str) -> bool:
+    """The durable has a pull request waiting: its consumer in the meter has started."""
+    return bool((await js.consumer_info(stream, durable)).num_waiting)
 
 
 async def meter_phase(url: str, n: int, timeout: float, server_pid: int, hold_rate: int) -> dict:
     setup, start, ends = calls(n)
     home = Path(tempfile.mkdtemp(prefix="bench-meter-"))
+    profile = home / "meter.prof" if os.environ.get("BENCH_PROFILE") else None
     nc = await nats.connect(url)
     js = nc.jetstream()
     await reset(js)
-    thresholds = gc.get_threshold()
     try:
+        # 1. The calls' start, applied by a meter process that then stops (not timed).
         await publish(js, setup + start)
-        service = await open_meter(url, home)
-        await service.start()
-        deadline = time.monotonic() + timeout
-        while not (await drained(js, "meter-calls", "CALLS") and await drained(js, "meter-accounts", "ACCOUNTS")):
-            if time.monotonic() > deadline:
-                raise TimeoutError("the meter did not apply the calls' start in time")
-            await asyncio.sleep(0.1)
-        await service.stop()
+        async with meter_process(url, home, "start") as meter:
 
+            async def applied() -> bool:
+                return await drained(js, "meter-calls", "CALLS") and await drained(js, "meter-accounts", "ACCOUNTS")
+
+            await meter.wait_until(applied, "apply the calls' start", timeout)
+            await meter.stop()
+
+        # 2. The ends, stored while no meter runs, behind a paused durable. No pull request may
+        # be left waiting (the server drops a closed connection's; else they expire): one
+        # waiting is how the next process is seen to be ready.
+        deadline = time.monotonic() + 40
+        while await waiting(js, "meter-calls", "CALLS") or await waiting(js, "meter-accounts", "ACCOUNTS"):
+            if time.monotonic() > deadline:
+                raise RuntimeError("pull requests still waiting on the meter's durables with no meter running")
+            await asyncio.sleep(0.1)
+        await js.pause_consumer("CALLS", "meter-calls", rfc3339(time.time() + 86_400))
         await publish(js, ends)
-        counter = ChargeCounter(nc, n)
+        counter = TimedChargeCounter(nc, n)
         await counter.start()
-        service = await open_meter(url, home)  # loads its books: not timed
-        cpu0, server0, started = time.process_time(), process_cpu_s(server_pid), time.perf_counter()
-        profile = cProfile.Profile() if os.environ.get("BENCH_PROFILE") else None
-        if profile:
-            profile.enable()
-        await service.start()
-        await asyncio.wait_for(counter.done.wait(), timeout)
-        if profile:
-            profile.disable()
-            pstats.Stats(profile, stream=sys.stderr).sort_stats("tottime").print_stats(25)
-        elapsed, cpu = counter.last - started, time.process_time() - cpu0
-        server = process_cpu_s(server_pid) - server0
-        while not await drained(js, "meter-calls", "CALLS"):
-            await asyncio.sleep(0.05)
-        holds = await hold_latency(nc, rate=hold_rate, seconds=3)
-        await service.stop()
+
+        # 3. A second meter process: start-up (books loaded) until its pull requests wait, then
+        # the pause runs out and the clock runs to the last ledger.charged.
+        async with meter_process(url, home, "ends", profile) as meter:
+
+            async def ready() -> bool:
+                return await waiting(js, "meter-calls", "CALLS") and await waiting(js, "meter-accounts", "ACCOUNTS")
+
+            await meter.wait_until(ready, "start its consumers", READY_TIMEOUT_S)
+            startup_s, startup_cpu = time.perf_counter() - meter.spawned, meter.cpu_s()
+            if counter.seen:
+                raise meter.failed("charged calls while its durable was paused")
+            if profile:
+                meter.proc.send_signal(signal.SIGUSR1)
+            # The meter idles until the pause ends: CPU read now is its CPU at the clock's start.
+            cpu0, server0, meter0 = time.process_time(), process_cpu_s(server_pid), meter.cpu_s()
+            started, until = time.perf_counter() + PAUSE_LEAD_S, time.time() + PAUSE_LEAD_S
+            await js.pause_consumer("CALLS", "meter-calls", rfc3339(until))
+            await asyncio.wait_for(counter.done.wait(), timeout + PAUSE_LEAD_S)
+            meter_cpu, server = meter.cpu_s() - meter0, process_cpu_s(server_pid) - server0
+            elapsed, cpu = counter.last - started, time.process_time() - cpu0
+            if profile:
+                meter.proc.send_signal(signal.SIGUSR2)
+            while not await drained(js, "meter-calls", "CALLS"):
+                await asyncio.sleep(0.05)
+
+            # 4. Holds, the meter still running; then it stops and releases the ledger file.
+            holds = await hold_latency(nc, rate=hold_rate, seconds=3)
+            await meter.stop()
     finally:
-        gc.unfreeze()
-        gc.set_threshold(*thresholds)
         await nc.close()
-    return {"calls_per_s": n / elapsed, "elapsed_s": elapsed, "cpu_us_per_call": cpu / n * 1e6,
-            "server_cpu_us_per_call": server / n * 1e6, "holds": holds,
-            "verification": verify(home / "meter" / "ledger.duckdb", ends)}  # fmt: skip
+    if profile:
+        print(f"cProfile of the meter process's event loop over the timed phase ({profile}):", file=sys.stderr)
+        pstats.Stats(str(profile), stream=sys.stderr).sort_stats("tottime").print_stats(25)
+    return {"calls_per_s": n / elapsed, "elapsed_s": elapsed, "cpu_us_per_call": meter_cpu / n * 1e6,
+            "server_cpu_us_per_call": server / n * 1e6, "bench_cpu_us_per_call": cpu / n * 1e6,
+            "first_charge_ms": (counter.first - started) * 1000, "startup_s": startup_s, "startup_cpu_s": startup_cpu,
+            "holds": holds, "verification": verify(home / "meter" / "ledger.duckdb", ends)}  # fmt: skip
 
 
 async def hold_latency(nc, *, rate: int, seconds: float) -> dict:  # noqa: ANN001
@@ -322,9 +454,16 @@ async def main() -> int:
               f"DuckDB {duckdb.__version__}; load average {os.getloadavg()[0]:.2f}")  # fmt: skip
         print(f"{args.calls:,} calls, each in progress with an open hold, then call.ended of every one")
         print(f"  {'consumer':<40}{'calls/s':>10}{'elapsed':>10}{'CPU us/call':>14}{'server us/call':>16}")
-        for label, figures in (("baseline: raw nats-py, no ledger", baseline), ("meter (as shipped)", meter)):
+        for label, figures in (("baseline: raw nats-py, in the bench", baseline),
+                               ("meter (python -m services.meter)", meter)):  # fmt: skip
             print(f"  {label:<40}{figures['calls_per_s']:>10,.0f}{figures['elapsed_s']:>9.2f}s"
                   f"{figures['cpu_us_per_call']:>14.1f}{figures['server_cpu_us_per_call']:>16.1f}")  # fmt: skip
+        print(f"CPU us/call: the baseline's is the bench process's; the meter's is its own process's (all threads); "
+              f"the bench process's beside it (publishing nothing, counting ledger.charged): "
+              f"{meter['bench_cpu_us_per_call']:.1f}")  # fmt: skip
+        print(f"meter start-up (not timed): {meter['startup_s']:.2f} s from spawn to its pull requests waiting, "
+              f"{meter['startup_cpu_s']:.2f} s CPU (interpreter, imports, books loaded, connect); "
+              f"first ledger.charged {meter['first_charge_ms']:.1f} ms after the durable's pause ran out")  # fmt: skip
         cpu = meter["cpu_us_per_call"] + meter["server_cpu_us_per_call"]
         print(f"meter + nats-server CPU per call: {cpu:.0f} us; {os.cpu_count()} CPUs at most "
               f"{os.cpu_count() * 1e6 / cpu:,.0f} calls/s at that cost")  # fmt: skip
