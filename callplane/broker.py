@@ -37,8 +37,8 @@ Ordering and concurrency, which handlers may rely on:
       every one of them. Outputs to a stream with `allow_batched` (every stream of
       `callplane nats setup`) go out as an ADR-50 fast-ingest batch per stream and
       event-loop turn: JetStream stores each as it arrives and answers the batch once, when
-      the turn's end commits it (an error names the message it refused). Other streams
-      answer each output with a PubAck on a reply subject of the consumer's own.
+      the turn's last output commits it (an error names the message it refused). Other
+      streams answer each output with a PubAck on a reply subject of the consumer's own.
     - structlog's contextvars `event_id` and `call_id` are bound in the message's task
       (its own copy of the context): every line the handler logs carries them.
 
@@ -67,7 +67,9 @@ Batches: `consume_batches` hands the messages delivered together to one call of 
 handler (a list, in delivery order), for handlers whose cost is per call rather than per
 event (the meter commits each batch in one transaction). The handler returns each
 message's outputs, or the exception that fails that message alone; the ack policy above
-applies per message. One batch is handled at a time; what arrives meanwhile is the next.
+applies per message. One batch is handled at a time, or up to `overlap` when the handler
+awaits something slow (the meter: its commit in another process) and takes its batch in
+hand, in order, before its first await; what arrives meanwhile is the next.
 
 A wide server filter (`ConsumerSpec.server_filter`, e.g. "call.>" for a consumer of most
 call events): the durable has one filter subject, and the runtime acks at once whatever
@@ -173,17 +175,24 @@ def consume(
 
 
 def consume_batches(
-    router: NatsRouter | NatsBroker, spec: topology.ConsumerSpec, handle: BatchHandler, *, batch: int = DEFAULT_BATCH
+    router: NatsRouter | NatsBroker,
+    spec: topology.ConsumerSpec,
+    handle: BatchHandler,
+    *,
+    batch: int = DEFAULT_BATCH,
+    overlap: int = 1,
 ) -> Consumer:
     """Like `consume`, but `handle` gets every message delivered since it was last called, as
     one list: for handlers whose cost is mostly per call (a database commit), not per event.
 
     The same guarantees otherwise: delivery order within a batch, outputs published in order
     and each input acked once its outputs are stored, the same ack policy per message. One
-    batch is handled at a time; what arrives meanwhile makes up the next. Nothing binds a
-    message's ids to the log context: the handler names the call it logs about.
+    batch is handled at a time (up to `overlap`: the next batch starts while the last one's
+    handler awaits; each is started in delivery order); what arrives meanwhile makes up the
+    next. Nothing binds a message's ids to the log context: the handler names the call it
+    logs about.
     """
-    consumer = BatchConsumer(spec, handle, batch=batch)
+    consumer = BatchConsumer(spec, handle, batch=batch, overlap=overlap)
     _registered.setdefault(router, []).append(consumer)
     return consumer
 
@@ -272,16 +281,23 @@ _decode_batch_reply = msgspec.json.Decoder(_BatchReply).decode
 
 class _Batch:
     """A turn's outputs to one stream, published as one fast-ingest batch: each is stored as
-    it arrives, and the commit (an end-of-batch marker sent when the turn ends) is answered
-    with one PubAck for all of them."""
+    it arrives, and the last one, sent when the turn ends, commits the batch and is answered
+    with one PubAck for all of them. (So every message of a batch is an event: a commit
+    marker of its own would reach core subscribers of the subject as an empty message.)"""
 
-    __slots__ = ("id", "subject", "works", "opened")
+    __slots__ = ("id", "prefix", "works", "held", "opened")
 
-    def __init__(self, batch_id: str, subject: str, now: float) -> None:
+    def __init__(self, batch_id: str, prefix: str, now: float) -> None:
         self.id = batch_id
-        self.subject = subject  # the commit marker is sent on a subject of the stream
+        self.prefix = f"{prefix}{batch_id}.{FAST_BATCH_FLOW}.ok."  # ADR-50: <inbox>.<flow>.<gap mode>.
         self.works: list[_Work] = []  # whose output has batch sequence i + 1
+        self.held: tuple[str, bytes, bytes] | None = None  # the latest output, sent by the next or the commit
         self.opened = now  # committed when this turn ends
+
+    def reply(self, sequence: int, operation: int) -> str:
+        """The reply subject of the message with this batch sequence: operation 0 starts the
+        batch, 1 appends, 2 commits (the batch id is the inbox's last token)."""
+        return f"{self.prefix}{sequence}.{operation}.$FI"
 
 
 class Consumer:
@@ -509,15 +525,21 @@ class Consumer:
     async def _decode(self, work: _Work, meta: Msg.Metadata) -> AnyEvent | None:
         """The message's event, or None once it has been dead-lettered (undecodable, or on
         the wrong subject)."""
-        msg = work.msg
+        event = self._event_or_reason(work.msg)
+        if isinstance(event, str):
+            await self._dead_letter(work, meta, event)
+            return None
+        return event
+
+    def _event_or_reason(self, msg: Msg) -> AnyEvent | str:
+        """The message's event, or why it must be dead-lettered."""
         try:
             event = decode(msg.data)
             subject = msg.subject if not self._strip else msg.subject.split(".", self._strip)[-1]
             if (expected := subject_for(event)) != subject:
                 raise ContractError(f"{event.__struct_config__.tag} belongs on {expected}, not {subject}")
         except (*DecodeError, ContractError) as exc:
-            await self._dead_letter(work, meta, f"undecodable: {exc}")
-            return None
+            return f"undecodable: {exc}"
         return event
 
     async def _settle(self, work: _Work, meta: Msg.Metadata, produced: Sequence[Event]) -> None:
@@ -542,51 +564,54 @@ class Consumer:
         self._release(work)
 
     async def _publish(self, work: _Work, events: Sequence[Event]) -> None:
-        """Send the outputs in order, each with a reply subject of ours: its stream's batch of
-        this turn (`_on_batch_reply`), or its own PubAck (`_on_puback`); the input is acked
+        """Send the outputs in order: into this turn's batch of their stream
+        (`_on_batch_reply`), or each with its own PubAck (`_on_puback`); the input is acked
         when all of them came back stored."""
         events = list(events)
         work.pending = len(events)  # all of them, before a PubAck can arrive
         work.published = self._time()
         for event in events:
             subject = subject_for(event)
+            header = natswire.header_block(natswire.header_line("Nats-Msg-Id", event.event_id), self._origin)
             stream = self._batched.get(subject.split(".", 1)[0])
             if stream is not None:
-                reply = self._join_batch(stream, subject, work)
-            else:
-                self._seq += 1
-                reply = f"{self._ack_prefix}{self._seq}"
-                self._acks[reply] = work
-                work.tokens.append(reply)
-            header = natswire.header_block(natswire.header_line("Nats-Msg-Id", event.event_id), self._origin)
+                await self._add_to_batch(stream, work, (subject, encode(event), header))
+                continue
+            self._seq += 1
+            reply = f"{self._ack_prefix}{self._seq}"
+            self._acks[reply] = work
+            work.tokens.append(reply)
             await natswire.publish_with_header(self._nc, subject, encode(event), reply=reply, header=header)
 
-    def _join_batch(self, stream: str, subject: str, work: _Work) -> str:
-        """The reply subject of `work`'s next output in this turn's batch to `stream` (ADR-50:
-        <inbox>.<flow>.<gap mode>.<batch sequence>.<operation>.$FI, the batch id being the
-        inbox's last token; operation 0 starts the batch, 1 appends)."""
+    async def _add_to_batch(self, stream: str, work: _Work, output: tuple[str, bytes, bytes]) -> None:
+        """Add an output to this turn's batch for `stream`; the one before it goes out now."""
         batch = self._open.get(stream)
         if batch is None:
             self._seq += 1
-            batch = self._open[stream] = self._batches[str(self._seq)] = _Batch(str(self._seq), subject, self._time())
+            batch = self._open[stream] = self._batches[str(self._seq)] = _Batch(str(self._seq), self._ack_prefix, self._time())
             if len(self._open) == 1:  # the first batch of this turn: commit them all when it ends
                 asyncio.get_running_loop().call_soon(self._commit_batches)
         batch.works.append(work)
-        sequence = len(batch.works)
-        return f"{self._ack_prefix}{batch.id}.{FAST_BATCH_FLOW}.ok.{sequence}.{0 if sequence == 1 else 1}.$FI"
+        before, batch.held = batch.held, output
+        if before is not None:
+            sequence = len(batch.works) - 1
+            subject, payload, header = before
+            reply = batch.reply(sequence, 0 if sequence == 1 else 1)
+            await natswire.publish_with_header(self._nc, subject, payload, reply=reply, header=header)
 
     def _commit_batches(self) -> None:
-        """The turn is over: end each open batch with a commit marker (operation 3, stores
-        nothing), answered by one PubAck for the batch. Outputs published from now on start
-        new batches."""
+        """The turn is over: each open batch's last output goes out and commits it. Outputs
+        published from now on start new batches."""
         opened, self._open = self._open, {}
         self._spawn(self._send_commits(list(opened.values())))
 
     async def _send_commits(self, batches: list[_Batch]) -> None:
         for batch in batches:
-            reply = f"{self._ack_prefix}{batch.id}.{FAST_BATCH_FLOW}.ok.{len(batch.works) + 1}.3.$FI"
+            (subject, payload, header), batch.held = batch.held, None
             try:
-                await self._nc.publish(batch.subject, b"", reply=reply)
+                await natswire.publish_with_header(
+                    self._nc, subject, payload, reply=batch.reply(len(batch.works), 2), header=header
+                )
             except Exception as exc:  # noqa: BLE001 - e.g. the connection closed: never answered, retried
                 self._batch_failed(batch, exc)
 
@@ -791,14 +816,19 @@ class BatchConsumer(Consumer):
     """A Consumer whose handler takes the messages delivered together as one list
     (`consume_batches`): messages arriving while a batch is handled make up the next one."""
 
-    def __init__(self, spec: topology.ConsumerSpec, handle: BatchHandler, *, batch: int = DEFAULT_BATCH) -> None:
+    def __init__(
+        self, spec: topology.ConsumerSpec, handle: BatchHandler, *, batch: int = DEFAULT_BATCH, overlap: int = 1
+    ) -> None:
         super().__init__(spec, handle, batch=batch)  # type: ignore[arg-type]
+        if overlap < 1:
+            raise ValueError("overlap must be at least 1")
         self._gathered: list[_Work] = []
-        self._busy = False  # a batch is being handled
+        self._overlap = overlap
+        self._handling = 0  # batches being handled
 
     def _dispatch(self, work: _Work) -> None:
         self._gathered.append(work)
-        if len(self._gathered) == 1 and not self._busy:
+        if len(self._gathered) == 1 and self._handling < self._overlap:
             # After the deliveries already read from the socket have been gathered too.
             asyncio.get_running_loop().call_soon(self._next_batch)
 
@@ -806,32 +836,33 @@ class BatchConsumer(Consumer):
         self._gathered.clear()  # else the cancelled batch's end would hand them to the handler
 
     def _next_batch(self) -> None:
-        if self._busy or not self._gathered:
+        if self._handling >= self._overlap or not self._gathered:
             return
         works, self._gathered = self._gathered, []
-        self._busy = True
+        self._handling += 1
         self._spawn(_timed(self._process_batch(works), lambda busy: self._measured(busy, len(works))))
 
     async def _process_batch(self, works: list[_Work]) -> None:
         try:
             items: list[tuple[AnyEvent, Msg.Metadata]] = []
             handled: list[tuple[_Work, Msg.Metadata]] = []
-            for work in works:
-                try:
-                    meta = _LazyMetadata(work.msg)
-                    if (event := await self._decode(work, meta)) is not None:
-                        items.append((event, meta))
-                        handled.append((work, meta))
-                except Exception as exc:  # noqa: BLE001 - e.g. no metadata: redelivered later
-                    self._settle_failed(work, exc)
-            if not items:
-                return
+            undecodable: list[tuple[_Work, Msg.Metadata, str]] = []
+            for work in works:  # no await before the handler: batches start in delivery order
+                meta = _LazyMetadata(work.msg)
+                event = self._event_or_reason(work.msg)
+                if isinstance(event, str):
+                    undecodable.append((work, meta, event))
+                else:
+                    items.append((event, meta))
+                    handled.append((work, meta))
             try:
-                results = await self.handle(items)  # type: ignore[arg-type,call-arg]
+                results = await self.handle(items) if items else []  # type: ignore[arg-type,call-arg]
                 if len(results) != len(items):
                     raise ContractError(f"the batch handler answered {len(results)} results for {len(items)} events")
             except Exception as exc:  # noqa: BLE001 - the ack policy is the handler of last resort
                 results = [exc] * len(items)
+            for work, meta, reason in undecodable:
+                await self._dead_letter(work, meta, reason)
             for (work, meta), result in zip(handled, results, strict=True):
                 try:
                     if isinstance(result, Exception):
@@ -843,7 +874,7 @@ class BatchConsumer(Consumer):
                 except Exception as exc:  # noqa: BLE001 - e.g. the connection closed under an ack
                     self._settle_failed(work, exc)
         finally:
-            self._busy = False
+            self._handling -= 1
             if self._gathered:
                 asyncio.get_running_loop().call_soon(self._next_batch)
 

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 
 import nats.errors
 import pytest
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -30,7 +31,7 @@ from callplane.broker import (
     stop_consumers,
 )
 from callplane.config import NatsSettings
-from schemas import AnyEvent, CallAccepted, CallAnswered, CallOffered, Event, FraudAlert, encode, timestamp
+from schemas import AnyEvent, CallAccepted, CallAnswered, CallOffered, Event, FraudAlert, decode, encode, timestamp
 
 NUMBER = "+48123456789"
 SUBJECT = "call.offered.48123456789"
@@ -307,7 +308,7 @@ async def test_a_lost_puback_times_out_the_input_is_handled_again_and_stored_onc
 
 
 async def test_a_turn_of_outputs_is_one_fast_batch_answered_once_and_a_refused_output_fails_only_its_input(
-    nats_url: str, js: JetStreamContext, monkeypatch: pytest.MonkeyPatch
+    nats_url: str, nc: Client, js: JetStreamContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two offers handled in one turn, each producing an alert on the same subject, which
     ALERTS takes once (one message per subject, discard new): both outputs go out in one
@@ -334,6 +335,12 @@ async def test_a_turn_of_outputs_is_one_fast_batch_answered_once_and_a_refused_o
         await on_puback(self, msg)
 
     monkeypatch.setattr(runtime.Consumer, "_on_puback", count)
+    on_the_wire: list[Msg] = []
+
+    async def core_subscriber(msg: Msg) -> None:
+        on_the_wire.append(msg)
+
+    await nc.subscribe("fraud.alert.>", cb=core_subscriber)
     await publish(js, offer("ev_first", "call_1"))
     await publish(js, offer("ev_second", "call_2"))
     recorder = Recorder(produce=lambda event: [alert(event)])
@@ -347,8 +354,11 @@ async def test_a_turn_of_outputs_is_one_fast_batch_answered_once_and_a_refused_o
     assert stored_alert.headers["Nats-Msg-Id"] == "ev_first/alert"
     first_batch = [a for a in answers if b'"batch":"' in a or b'"type":"err"' in a][:2]
     assert b'"type":"err","seq":2' in first_batch[0] and b'"batch":"1"' in first_batch[1], answers
-    # Per batch a flow ack at its start and the commit's answer, plus one per refusal: none per stored output.
-    assert len(answers) == 2 * len(batch_sizes) + topology.MAX_DELIVER, answers
+    # Per batch the commit's answer (and a flow ack at its start when it has more than one
+    # output), plus one per refusal: none per stored output.
+    assert len(answers) == sum(1 + (size > 1) for size in batch_sizes) + topology.MAX_DELIVER, answers
+    # Every message a core subscriber of the subject got is an output: no empty commit markers.
+    assert [decode(m.data).event_id for m in on_the_wire] == ["ev_first/alert"] + ["ev_second/alert"] * topology.MAX_DELIVER
 
 
 async def test_handlers_start_in_stream_order_while_running_concurrently(nats_url: str, js: JetStreamContext) -> None:
