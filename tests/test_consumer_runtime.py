@@ -314,7 +314,7 @@ async def test_a_turn_of_outputs_is_one_fast_batch_answered_once_and_a_refused_o
     ALERTS takes once (one message per subject, discard new): both outputs go out in one
     batch, JetStream refuses the second by its batch sequence, and only that offer is
     retried (then dead-lettered); the first is acked after the batch's single answer."""
-    monkeypatch.setattr(topology, "BACKOFF_S", (0.1, 0.1, 0.1, 0.1))
+    monkeypatch.setattr(topology, "BACKOFF_S", (1.0, 0.1, 0.1, 0.1))  # ack wait 1 s: no redelivery under load
     await topology.setup(js)
     config = (await js.stream_info("ALERTS")).config
     config.max_msgs_per_subject, config.discard_new_per_subject = 1, True
@@ -343,7 +343,21 @@ async def test_a_turn_of_outputs_is_one_fast_batch_answered_once_and_a_refused_o
     await nc.subscribe("fraud.alert.>", cb=core_subscriber)
     await publish(js, offer("ev_first", "call_1"))
     await publish(js, offer("ev_second", "call_2"))
-    recorder = Recorder(produce=lambda event: [alert(event)])
+    both_here = asyncio.Event()
+
+    class Together(Recorder):
+        """The first tries of both offers return in the same event-loop turn (one batch)."""
+
+        async def __call__(self, event: AnyEvent, meta: Msg.Metadata) -> list[Event]:
+            produced = await super().__call__(event, meta)
+            if sum(self.attempts.values()) == 1:
+                await both_here.wait()  # woken first by the second's set(), next turn
+            elif sum(self.attempts.values()) == 2:
+                both_here.set()
+                await asyncio.sleep(0)  # ... and this one right after it, in the same turn
+            return produced
+
+    recorder = Together(produce=lambda event: [alert(event)])
     async with running(nats_url, recorder):
         [dead] = await dlq_messages(js, 1)
         await settled(js)
