@@ -47,7 +47,7 @@ def export(database: Path) -> str:
     """The canonical export of a ledger file (the meter must not be running on it)."""
     import duckdb
 
-    from services.meter.ledger import canonical_export
+    from services.meter.ledger import canonical_export, when_unlocked
 
-    with duckdb.connect(str(database), read_only=True) as con:
+    with when_unlocked(duckdb.connect, database, wait_s=5.0, read_only=True) as con:
         return canonical_export(con)

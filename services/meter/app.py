@@ -22,9 +22,10 @@ from schemas.commands import HoldCredit, HoldCredits, HoldView
 
 from . import ledger
 from .config import MeterSettings
-from .books import Batch, UnknownAccount, UnknownCall
+from .books import Batch, Books, UnknownAccount, UnknownCall
 from .core import HoldGrant, HoldRefusal
 from .snapshots import SnapshotSchedule, run_snapshots, snapshot_dir
+from .writer import LedgerProcess
 
 log = structlog.get_logger()
 
@@ -37,16 +38,44 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+class InProcess:
+    """The ledger in this process (tools, tests, `callplane ledger rebuild`): commits from the
+    event loop run in a worker thread on a cursor of their own. The service uses the writer
+    process instead (`writer.LedgerProcess`, the same operations)."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
+        self.con = con
+        self._cursor = con.cursor()  # the worker thread's own connection to the database
+
+    def load(self) -> Books:
+        return ledger.load(self.con)
+
+    def outbox(self, source_event_id: str) -> list[str]:
+        return ledger.outbox(self.con, source_event_id)
+
+    async def write(self, batch: Batch) -> None:
+        await asyncio.to_thread(ledger.write, self._cursor, batch)
+
+    def write_now(self, batch: Batch) -> None:
+        ledger.write(self.con, batch)
+
+    def close(self) -> None:
+        self._cursor.close()
+
+
 class Meter:
     """The meter's adapter: feeds source events and hold requests to the books in memory,
-    and commits their changes to the ledger in groups. While one group is written (in a
-    worker thread, on a cursor of its own) the next one gathers; a handler returns, and its
-    input is acked, only once its change is committed."""
+    and commits their changes to the ledger in groups. While one group is written (by the
+    ledger writer process, or a worker thread in tools) the next one gathers; a handler
+    returns, and its input is acked, only once its change is committed."""
 
-    def __init__(self, con: duckdb.DuckDBPyConnection, *, clock: Callable[[], datetime] = _utc_now) -> None:
-        self.con = con
+    def __init__(
+        self, store: duckdb.DuckDBPyConnection | InProcess | LedgerProcess, *, clock: Callable[[], datetime] = _utc_now
+    ) -> None:
+        self.store = InProcess(store) if isinstance(store, duckdb.DuckDBPyConnection) else store
+        self.con = getattr(self.store, "con", None)  # tools and tests read an in-process ledger
         self.clock = clock
-        self.books = ledger.load(con)
+        self.books = self.store.load()
         self._waiting: list[asyncio.Future] = []  # for the next commit
         self._writer: asyncio.Task | None = None
         self._writing: Batch | None = None  # the group being written now
@@ -91,7 +120,7 @@ class Meter:
         for outbox in (self.books.pending.outbox, self._writing.outbox if self._writing else {}):
             if event.event_id in outbox:
                 return outbox[event.event_id]
-        return [decode(raw) for raw in ledger.outbox(self.con, event.event_id)]
+        return [decode(raw) for raw in self.store.outbox(event.event_id)]
 
     def on_event(self, event: AnyEvent, consumer: str, sequence: int) -> list[Event]:
         """Apply one source event and commit it (for tools and tests; the service batches)."""
@@ -105,22 +134,19 @@ class Meter:
         """Commit every change applied so far, here and now (tools and tests)."""
         if self.books.pending:
             batch = self.books.take_pending()
-            self._write(batch, self.con)
-
-    def _write(self, batch: Batch, con: duckdb.DuckDBPyConnection) -> None:
-        try:
-            ledger.write(con, batch)
-        except BaseException:
-            self._reload("ledger commit failed")
-            raise
-        self.books.committed(batch)
+            try:
+                self.store.write_now(batch)
+            except BaseException:
+                self._reload("ledger commit failed")
+                raise
+            self.books.committed(batch)
 
     def _reload(self, why: str) -> None:
         """Memory never runs ahead of the database: load the books again, dropping whatever
         was applied since the last commit, and fail everyone waiting for it (their inputs are
         retried, their holds refused)."""
         waiting, self._waiting = self._waiting, []
-        self.books = ledger.load(self.con)
+        self.books = self.store.load()
         self._stale = False
         for future in waiting:
             if not future.done():
@@ -145,29 +171,25 @@ class Meter:
         await future
 
     async def _write_groups(self) -> None:
-        cursor = self.con.cursor()  # the worker thread's own connection to the database
-        try:
-            while self._waiting or self._stale:
-                if self._stale:
-                    self._reload("an event failed half-applied")
-                    continue
-                waiting, self._waiting = self._waiting, []
-                self._writing = batch = self.books.take_pending()
-                try:
-                    await asyncio.to_thread(ledger.write, cursor, batch)
-                except Exception as exc:  # noqa: BLE001 - every waiter is told; their inputs are retried
-                    self._writing = None
-                    self._waiting = waiting + self._waiting
-                    log.error("ledger_commit_failed", waiting=len(self._waiting), exc_info=exc)
-                    self._reload(f"ledger commit failed: {exc!r}")
-                    continue
+        while self._waiting or self._stale:
+            if self._stale:
+                self._reload("an event failed half-applied")
+                continue
+            waiting, self._waiting = self._waiting, []
+            self._writing = batch = self.books.take_pending()
+            try:
+                await self.store.write(batch)
+            except Exception as exc:  # noqa: BLE001 - every waiter is told; their inputs are retried
                 self._writing = None
-                self.books.committed(batch)
-                for future in waiting:
-                    if not future.done():
-                        future.set_result(None)
-        finally:
-            cursor.close()
+                self._waiting = waiting + self._waiting
+                log.error("ledger_commit_failed", waiting=len(self._waiting), exc_info=exc)
+                self._reload(f"ledger commit failed: {exc!r}")
+                continue
+            self._writing = None
+            self.books.committed(batch)
+            for future in waiting:
+                if not future.done():
+                    future.set_result(None)
 
     # -- holds: the gatekeeper's request/reply -------------------------------------------
 
@@ -222,10 +244,11 @@ class Meter:
                 raise
 
     async def close(self) -> None:
-        """Let a commit in progress finish (its worker thread writes through the connection)."""
+        """Let a commit in progress finish, then close the ledger."""
         if self._writer is not None:
             with contextlib.suppress(Exception):
                 await self._writer
+        self.store.close()
 
 
 class LedgerUnavailable(RuntimeError):
@@ -233,12 +256,14 @@ class LedgerUnavailable(RuntimeError):
 
 
 async def wire(broker: NatsBroker, js: JetStreamContext, settings: MeterSettings):
-    con = ledger.connect(Path(settings.callplane_data_dir) / "meter" / "ledger.duckdb")
-    meter = Meter(con)
+    # The DuckDB file belongs to a writer process: commits run beside the event loop, not in turn with it.
+    store = LedgerProcess(Path(settings.callplane_data_dir) / "meter" / "ledger.duckdb")
+    meter = Meter(store)
     for durable in ("meter-calls", "meter-accounts"):
         # A wide window: every message in flight can join the next commit, which costs ~1 ms
         # per table however few rows it has (bench/README.md, the meter).
-        consume_batches(broker, topology.consumer(durable), meter.handler(durable), batch=CONSUMER_WINDOW)
+        # Two batches at once: one applied in memory while the writer commits the one before.
+        consume_batches(broker, topology.consumer(durable), meter.handler(durable), batch=CONSUMER_WINDOW, overlap=2)
 
     # Holds are decided one by one before their first await; the commits they wait for are shared.
     serve_commands(broker, "meter", meter.serve_holds, accepts=(HoldCredit, HoldCredits), concurrency=HOLDS_AT_ONCE)
@@ -256,16 +281,15 @@ async def wire(broker: NatsBroker, js: JetStreamContext, settings: MeterSettings
     snapshots_stop = asyncio.Event()
     snapshotter = asyncio.create_task(
         run_snapshots(
-            con, snapshot_dir(settings.callplane_data_dir), schedule, stop_event=snapshots_stop, keep=settings.snapshot_keep
+            store, snapshot_dir(settings.callplane_data_dir), schedule, stop_event=snapshots_stop, keep=settings.snapshot_keep
         )
     )
 
     async def stop() -> None:
         supervisor.cancel()
         snapshots_stop.set()
-        await snapshotter  # a snapshot in progress reads through a cursor: let it finish before closing
+        await snapshotter  # a snapshot in progress: let it finish before closing
         await meter.close()
-        con.close()
 
     return stop
 

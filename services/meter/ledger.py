@@ -11,6 +11,8 @@ re-published on redelivery, so a crash between commit and publish loses none.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
@@ -121,36 +123,65 @@ def connect(path: Path | str) -> duckdb.DuckDBPyConnection:
     return con
 
 
+def when_unlocked(connect: Callable[..., duckdb.DuckDBPyConnection], path: Path | str, *, wait_s: float, **options: object) -> duckdb.DuckDBPyConnection:
+    """`connect(path, **options)`, tried again for up to `wait_s` while another process holds
+    the file's lock (a meter's writer that was just stopped or killed lets go within moments)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return connect(str(path), **options)
+        except duckdb.IOException as exc:
+            if "lock" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
+
+
 def load(con: duckdb.DuckDBPyConnection) -> Books:
     """The books as the database has them: every account, the calls still in progress, the
     open holds, the ids of the events applied, and each capped account's recent voice seconds."""
+    return books_from(load_rows(con), lambda call_id: call_from_row(find_call_row(con, call_id)))
+
+
+def load_rows(con: duckdb.DuckDBPyConnection) -> dict[str, list]:
+    """What `load` reads, as plain rows (the ledger writer process sends them to the meter)."""
+    return {
+        "accounts": con.execute(f"SELECT {', '.join(ACCOUNT_COLUMNS)} FROM accounts").fetchall(),
+        "holds": con.execute(f"SELECT {', '.join(HOLD_COLUMNS)} FROM holds WHERE status = 'open'").fetchall(),
+        "calls": con.execute(f"{_SELECT_CALLS} WHERE NOT ended AND status = 'accepted'").fetchall(),
+        "applied": [event_id for (event_id,) in con.execute("SELECT event_id FROM applied_events").fetchall()],
+        "voice": con.execute(
+            """SELECT l.account_id, CAST(timezone(a.timezone, l.occurred_at) AS DATE), sum(l.charged_s)
+               FROM ledger l JOIN accounts a USING (account_id)
+               WHERE l.kind = 'charged' AND l.charged_s > 0
+                 AND l.occurred_at > now() - INTERVAL 3 DAY
+               GROUP BY ALL"""
+        ).fetchall(),
+    }
+
+
+def books_from(rows: dict[str, list], find_call: Callable[[str], Call | None]) -> Books:
     books = Books()
-    for row in con.execute(f"SELECT {', '.join(ACCOUNT_COLUMNS)} FROM accounts").fetchall():
+    for row in rows["accounts"]:
         account = Account(*row)
         books.accounts[account.account_id] = account
-    for row in con.execute(f"SELECT {', '.join(HOLD_COLUMNS)} FROM holds WHERE status = 'open'").fetchall():
+    for row in rows["holds"]:
         hold = Hold(*row)
         books.holds[hold.call_id] = hold
         if hold.account_id in books.accounts:
             books.accounts[hold.account_id].held += hold.amount
-    for row in con.execute(f"{_SELECT_CALLS} WHERE NOT ended AND status = 'accepted'").fetchall():
-        books.calls[row[0]] = _call(row)
-    books.applied = {event_id for (event_id,) in con.execute("SELECT event_id FROM applied_events").fetchall()}
-    for account_id, day, seconds in con.execute(
-        """SELECT l.account_id, CAST(timezone(a.timezone, l.occurred_at) AS DATE), sum(l.charged_s)
-           FROM ledger l JOIN accounts a USING (account_id)
-           WHERE l.kind = 'charged' AND l.charged_s > 0
-             AND l.occurred_at > now() - INTERVAL 3 DAY
-           GROUP BY ALL"""
-    ).fetchall():
+    for row in rows["calls"]:
+        books.calls[row[0]] = call_from_row(row)
+    books.applied = set(rows["applied"])
+    for account_id, day, seconds in rows["voice"]:
         books.accounts[account_id].voice_s[day] = int(seconds)
-
-    def find_call(call_id: str) -> Call | None:
-        rows = con.execute(f"{_SELECT_CALLS} WHERE call_id = ?", [call_id]).fetchall()
-        return _call(rows[0]) if rows else None
-
     books.find_call = find_call
     return books
+
+
+def find_call_row(con: duckdb.DuckDBPyConnection, call_id: str) -> tuple | None:
+    """A call as stored, finished or not (memory holds only the calls in progress)."""
+    rows = con.execute(f"{_SELECT_CALLS} WHERE call_id = ?", [call_id]).fetchall()
+    return rows[0] if rows else None
 
 
 # Timestamps leave DuckDB as text (TIMESTAMPTZ values would need pytz), in the wire's format.
@@ -160,7 +191,9 @@ _SELECT_CALLS = "SELECT {}, epoch(answered_at) FROM calls".format(
 )
 
 
-def _call(row: tuple) -> Call:
+def call_from_row(row: tuple | list | None) -> Call | None:
+    if row is None:
+        return None
     *columns, answered_s = row
     return Call(**dict(zip(CALL_FIELDS, columns, strict=True)), answered_s=answered_s)
 

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
 import duckdb
 import structlog
@@ -284,8 +285,12 @@ class SnapshotSchedule:
         return self._croniter(self.cron, now.astimezone(UTC)).get_next(datetime)
 
 
+class Snapshotter(Protocol):
+    def snapshot(self, directory: Path, *, now: datetime, keep: int) -> Path: ...
+
+
 async def run_snapshots(
-    con: duckdb.DuckDBPyConnection,
+    con: duckdb.DuckDBPyConnection | Snapshotter,
     directory: Path,
     cron: str | SnapshotSchedule = DEFAULT_CRON,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -299,7 +304,9 @@ async def run_snapshots(
     connection to the same database, DuckDB's documented way to use it from another
     thread), so the event loop keeps answering hold requests and applying events while
     Parquet files are written; the cursor's transaction gives the snapshot a consistent
-    view of what the loop commits meanwhile. `con` itself stays the loop's alone.
+    view of what the loop commits meanwhile. `con` itself stays the loop's alone. Given the
+    ledger writer process instead (`writer.LedgerProcess`), the writer exports it, the same
+    way, on a thread and cursor of its own.
 
     Stop by setting `stop_event` and awaiting the task: a snapshot in progress finishes
     first (also on cancellation), so the caller can close `con` afterwards.
@@ -319,15 +326,21 @@ async def run_snapshots(
         due = schedule.next_due(clock())  # a slow snapshot skips the periods it overran
 
 
-async def _snapshot_once(con: duckdb.DuckDBPyConnection, directory: Path, now: datetime, keep: int) -> None:
+async def _snapshot_once(con: duckdb.DuckDBPyConnection | Snapshotter, directory: Path, now: datetime, keep: int) -> None:
     started = time.perf_counter()
-    cursor = con.cursor()
+    if isinstance(con, duckdb.DuckDBPyConnection):
+        cursor = con.cursor()
 
-    def work() -> Path:
-        try:
-            return write_snapshot(cursor, directory, now=now, keep=keep)
-        finally:
-            cursor.close()
+        def work() -> Path:
+            try:
+                return write_snapshot(cursor, directory, now=now, keep=keep)
+            finally:
+                cursor.close()
+
+    else:  # the ledger writer process writes it, on a cursor of its own
+
+        def work() -> Path:
+            return con.snapshot(directory, now=now, keep=keep)
 
     job = asyncio.ensure_future(asyncio.to_thread(work))
     try:
