@@ -3,8 +3,8 @@
     .venv/bin/python bench/ledger_write.py [--calls 1000] [--batches 5]
 
 A batch is the rows `call.ended` of N calls makes the meter write (one ledger row with its
-event JSON, one applied_events row, the call upserted, its hold replaced: what
-`services.meter.books` queues). Two ways of writing it are timed, each on a ledger of its
+event JSON, one applied_events row, a call_ends row, its hold replaced: what
+`services.meter.books` queues; before commit "call_ends" the call's row was upserted instead). Two ways of writing it are timed, each on a ledger of its
 own made by `services.meter.ledger.connect`:
 
 - appenders: `services.meter.ledger.write`, as shipped;
@@ -50,14 +50,13 @@ EVENT_JSON = (
 def ended_calls(first: int, n: int) -> Batch:
     """The rows of `n` call ends, numbered from `first` (unique ids across batches)."""
     at = "2026-12-05T04:00:{:02d}.000Z"
-    rows: dict[str, list[tuple]] = {"ledger": [], "applied": [], "calls": [], "holds": []}
+    rows: dict[str, list[tuple]] = {"ledger": [], "applied": [], "calls": [], "holds": [], "ends": []}
     for i in range(first, first + n):
         entry, source = f"call.ended/{i:012d}/charged", f"ended_{i:012d}"
         rows["ledger"].append((entry, source, "charged", "acct_1", f"call_{i}", "+48123456789", 30000, 123456,
                                60, 30000, 0, at.format(i % 60), EVENT_JSON.format(entry, i)))  # fmt: skip
         rows["applied"].append((source, "meter-calls", i))
-        rows["calls"].append((f"call_{i}", "acct_1", "+48123456789", "agent_1", at.format(i % 60), 0,
-                              at.format(i % 60), "accepted", 30000, 0, True, None))  # fmt: skip
+        rows["ends"].append((f"call_{i}",))  # the call's row is not written again when it ends
         rows["holds"].append((f"hold_call_{i}", f"call_{i}", "acct_1", 30000, "posted"))
     return Batch(accounts=[], finished=set(), outbox={}, **rows)
 
@@ -67,7 +66,7 @@ class JsonFiles:
 
     TABLES = (("ledger", "ledger", None, "append"), ("applied_events", "applied", None, "append"),
               ("accounts", "accounts", ACCOUNT_COLUMNS, "upsert"), ("calls", "calls", CALL_COLUMNS, "upsert"),
-              ("holds", "holds", HOLD_COLUMNS, "replace"))  # fmt: skip
+              ("holds", "holds", HOLD_COLUMNS, "replace"), ("call_ends", "ends", None, "append"))  # fmt: skip
 
     def __init__(self, con: duckdb.DuckDBPyConnection, folder: Path) -> None:
         self.folder, self.numbers, self.encode = folder, itertools.count(), msgspec.json.Encoder().encode
@@ -160,7 +159,7 @@ def main() -> None:
     for write in ways.values():  # warm up: a ledger that already holds rows
         write(ended_calls(next(first), args.calls))
 
-    print(f"meter commit of {args.calls} call ends (4 tables), DuckDB {duckdb.__version__}, Python {sys.version.split()[0]}")
+    print(f"meter commit of {args.calls} call ends (4 tables and call_ends), DuckDB {duckdb.__version__}, Python {sys.version.split()[0]}")
     for name, write in ways.items():
         print(f"  {name:26} alone:                    {timed(write, [ended_calls(next(first), args.calls) for _ in range(args.batches)], args.calls, None)}")
     for interval in (0.005, 0.001):

@@ -40,6 +40,8 @@ from typing import Protocol
 import duckdb
 import structlog
 
+from .ledger import ENDED
+
 log = structlog.get_logger()
 
 LATEST = "latest"
@@ -58,7 +60,7 @@ EXPORTS: dict[str, str] = {
     "balances": "SELECT * FROM balances",
     "open_holds": "SELECT * FROM open_holds",
     "accounts": "SELECT * FROM accounts",
-    "calls": "SELECT * FROM calls",
+    "calls": f"SELECT * REPLACE ({ENDED} AS ended) FROM calls",
     "holds": "SELECT * FROM holds",
 }
 

@@ -169,7 +169,7 @@ async def _readable(conn: multiprocessing.connection.Connection) -> None:
         loop.remove_reader(conn.fileno())
 
 
-_ROWS = ("ledger", "applied", "accounts", "calls", "holds")
+_ROWS = ("ledger", "applied", "accounts", "calls", "holds", "ends")
 
 
 def _encode_rows(batch: Batch) -> bytes:

@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import random
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import duckdb
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -27,6 +29,7 @@ from services.meter import ledger
 from services.meter.app import LedgerUnavailable, Meter
 from services.meter.books import HOLD_TTL_S, UnknownAccount
 from services.meter.ledger import canonical_export
+from services.meter.snapshots import write_snapshot
 from schemas.commands import HoldCredit
 
 T0 = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
@@ -279,3 +282,26 @@ def test_an_admission_waiting_for_its_account_changes_nothing_until_it_can_be_ap
     with pytest.raises(UnknownAccount):
         meter.apply(early, "meter-calls", 1)
     assert not meter.books.pending and "early" not in meter.books.calls
+
+
+def test_a_late_reply_after_its_call_ended_and_left_memory_is_charged_and_let_go_again(tmp_path: Path) -> None:
+    """An ended call is recorded in call_ends, not by rewriting its row: a reply arriving
+    after the call left memory finds it ended through the database and charges text only."""
+    at = timestamp(T0)
+    call = {"call_id": "c1", "number": NUMBER}
+    meter = Meter(ledger.connect(":memory:"))
+    for sequence, event in enumerate(stream(0) + [
+        CallAccepted(event_id="acc", occurred_at=at, account_id="a", agent_id="ag", hold_id="h1",
+                     rate_millicredits_per_minute=30_007, text_price_millicredits=250, **call),
+        CallAnswered(event_id="ans", occurred_at=at, **call),
+        CallEnded(event_id="end", occurred_at=at, duration_ms=90_000, silent_ms=0, **call),
+    ], 1):  # fmt: skip
+        meter.on_event(event, "meter-calls", sequence)
+    assert "c1" not in meter.books.calls  # ended and committed: memory let it go
+    assert meter.con.execute(f"SELECT ended, {ledger.ENDED} FROM calls").fetchall() == [(False, True)]
+    [late] = meter.on_event(CallAgentReplied(event_id="late", occurred_at=at, responses=2, **call), "meter-calls", 9)
+    assert (late.charged_s, late.text_millicredits, late.voice_millicredits) == (0, 500, 0)
+    assert "c1" not in meter.books.calls  # still ended: not supervised as a running call
+    assert Meter(meter.con).books.calls == {}
+    snapshot = write_snapshot(meter.con, tmp_path, now=T0)  # analysts see it ended too
+    assert duckdb.sql(f"SELECT call_id, ended FROM '{snapshot}/calls.parquet'").fetchall() == [("c1", True)]
