@@ -166,6 +166,16 @@ STOP_TIMEOUT_S = 60.0  # SIGTERM to exit (the service's consumers wait up to 30 
 PAUSE_LEAD_S = 0.25  # the durable's pause is set to end this far ahead: the clock starts then
 
 
+def _descendants(pid: int) -> list[int]:
+    """The processes `pid` started, and theirs (Linux /proc)."""
+    found: list[int] = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            for child in children.read_text().split():
+                found += [int(child), *_descendants(int(child))]
+    return found
+
+
 class MeterProcess:
     """`python -m services.meter`, as deployed, with its output in a log file."""
 
@@ -183,8 +193,15 @@ class MeterProcess:
         self.spawned = time.perf_counter()
 
     def cpu_s(self) -> float:
-        """User + system CPU of the process so far, every thread (/proc)."""
+        """User + system CPU so far of the process and the processes it started (its ledger
+        writer), every thread (/proc)."""
+        return self.own_cpu_s() + self.children_cpu_s()
+
+    def own_cpu_s(self) -> float:
         return process_cpu_s(self.proc.pid)
+
+    def children_cpu_s(self) -> float:
+        return sum(process_cpu_s(pid) for pid in _descendants(self.proc.pid))
 
     def failed(self, what: str) -> RuntimeError:
         tail = self.log.read_text(errors="replace")[-3000:]
@@ -296,11 +313,12 @@ async def meter_phase(url: str, n: int, timeout: float, server_pid: int, hold_ra
             if profile:
                 meter.proc.send_signal(signal.SIGUSR1)
             # The meter idles until the pause ends: CPU read now is its CPU at the clock's start.
-            cpu0, server0, meter0 = time.process_time(), process_cpu_s(server_pid), meter.cpu_s()
+            cpu0, server0, meter0, writer0 = time.process_time(), process_cpu_s(server_pid), meter.cpu_s(), meter.children_cpu_s()
             started, until = time.perf_counter() + PAUSE_LEAD_S, time.time() + PAUSE_LEAD_S
             await js.pause_consumer("CALLS", "meter-calls", rfc3339(until))
             await asyncio.wait_for(counter.done.wait(), timeout + PAUSE_LEAD_S)
             meter_cpu, server = meter.cpu_s() - meter0, process_cpu_s(server_pid) - server0
+            writer_cpu = meter.children_cpu_s() - writer0
             elapsed, cpu = counter.last - started, time.process_time() - cpu0
             if profile:
                 meter.proc.send_signal(signal.SIGUSR2)
@@ -317,7 +335,7 @@ async def meter_phase(url: str, n: int, timeout: float, server_pid: int, hold_ra
         pstats.Stats(str(profile), stream=sys.stderr).sort_stats("tottime").print_stats(25)
     return {"calls_per_s": n / elapsed, "elapsed_s": elapsed, "cpu_us_per_call": meter_cpu / n * 1e6,
             "server_cpu_us_per_call": server / n * 1e6, "bench_cpu_us_per_call": cpu / n * 1e6,
-            "first_charge_ms": (counter.first - started) * 1000, "startup_s": startup_s, "startup_cpu_s": startup_cpu,
+            "writer_cpu_us_per_call": writer_cpu / n * 1e6, "first_charge_ms": (counter.first - started) * 1000, "startup_s": startup_s, "startup_cpu_s": startup_cpu,
             "holds": holds, "verification": verify(home / "meter" / "ledger.duckdb", ends)}  # fmt: skip
 
 
@@ -458,7 +476,8 @@ async def main() -> int:
                                ("meter (python -m services.meter)", meter)):  # fmt: skip
             print(f"  {label:<40}{figures['calls_per_s']:>10,.0f}{figures['elapsed_s']:>9.2f}s"
                   f"{figures['cpu_us_per_call']:>14.1f}{figures['server_cpu_us_per_call']:>16.1f}")  # fmt: skip
-        print(f"CPU us/call: the baseline's is the bench process's; the meter's is its own process's (all threads); "
+        print(f"CPU us/call: the baseline's is the bench process's; the meter's is its own process's and its "
+              f"ledger writer's (all threads; the writer alone: {meter['writer_cpu_us_per_call']:.1f}); "
               f"the bench process's beside it (publishing nothing, counting ledger.charged): "
               f"{meter['bench_cpu_us_per_call']:.1f}")  # fmt: skip
         print(f"meter start-up (not timed): {meter['startup_s']:.2f} s from spawn to its pull requests waiting, "

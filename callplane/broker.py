@@ -248,9 +248,12 @@ class _LazyMetadata(Msg.Metadata):
         if name.startswith("_"):
             raise AttributeError(name)
         parsed = self._msg.metadata
-        for field in dataclasses.fields(parsed):
-            object.__setattr__(self, field.name, getattr(parsed, field.name))
+        for field in _METADATA_FIELDS:
+            object.__setattr__(self, field, getattr(parsed, field))
         return getattr(parsed, name)
+
+
+_METADATA_FIELDS = tuple(field.name for field in dataclasses.fields(Msg.Metadata))
 
 
 class _PubAck(msgspec.Struct):
