@@ -211,34 +211,19 @@ def write(con: duckdb.DuckDBPyConnection, batch: Batch) -> None:
             ("applied_events", batch.applied, {}),
             ("accounts", batch.accounts, {"columns": ACCOUNT_COLUMNS, "action": "upsert"}),
             ("calls", batch.calls, {"columns": CALL_COLUMNS, "action": "upsert"}),
+            # Two unique keys (hold_id, call_id) rule out an upsert: delete, then insert.
+            ("holds", [(row[0],) for row in batch.holds], {"action": "delete", "key": ["hold_id"]}),
+            ("holds", batch.holds, {"columns": HOLD_COLUMNS}),
             ("call_ends", batch.ends, {}),
         ):
             if rows:
                 appender = con.appender(table, **options)
                 appender.append_rows(rows)
                 appender.flush()
-        if batch.holds:
-            _write_holds(con, batch.holds)
         con.commit()
     except BaseException:
         con.rollback()
         raise
-
-
-def _write_holds(con: duckdb.DuckDBPyConnection, rows: list[tuple]) -> None:
-    """The holds' present state: the two unique keys (hold_id, call_id) rule out an upsert,
-    so the rows are staged, the holds already stored updated in place (amount and status,
-    no key changes) and the new ones inserted: about half the cost of deleting and inserting."""
-    con.execute("CREATE TEMP TABLE IF NOT EXISTS staged_holds AS SELECT * FROM holds LIMIT 0")
-    appender = con.appender("staged_holds", columns=HOLD_COLUMNS)
-    appender.append_rows(rows)
-    appender.flush()
-    con.execute(
-        """UPDATE holds SET amount_millicredits = s.amount_millicredits, status = s.status
-           FROM staged_holds s WHERE holds.hold_id = s.hold_id"""
-    )
-    con.execute("INSERT INTO holds SELECT * FROM staged_holds s WHERE s.hold_id NOT IN (SELECT hold_id FROM holds)")
-    con.execute("DELETE FROM staged_holds")
 
 
 def outbox(con: duckdb.DuckDBPyConnection, source_event_id: str) -> list[str]:
