@@ -374,7 +374,7 @@ def verify(database: Path, ends: list[CallEnded]) -> str:
                            "WHERE kind = 'charged' GROUP BY call_id").fetchall()  # fmt: skip
         balance = con.execute("SELECT sum(balance_millicredits) FROM accounts").fetchall()[0][0]
         open_holds = con.execute(  # the latency phase's holds are left open on purpose
-            "SELECT count(*) FROM holds WHERE status = 'open' AND call_id NOT LIKE 'lat_%'"
+            "SELECT count(*) FROM hold_states WHERE status = 'open' AND call_id NOT LIKE 'lat_%'"
         ).fetchall()[0][0]
     wrong = [c for c, count, amount in rows if count != 1 or amount != expected.get(c)]
     problems = []

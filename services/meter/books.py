@@ -287,7 +287,7 @@ class Books:
             self.pending.finished.add(call.call_id)
             hold = self.holds.get(call.call_id)
             if hold is not None and hold.status == "open":
-                self._settle(hold, "posted")
+                self._settle(hold, "posted", write=False)  # the call's end records it (ledger hold_states)
             if charge.charged_s:
                 day = local_day(event.occurred_at, account.timezone)
                 account.voice_s[day] = account.voice_s.get(day, 0) + charge.charged_s
@@ -410,11 +410,12 @@ class Books:
         self.account(hold.account_id).held += hold.amount
         self.pending.holds.add(hold.call_id)
 
-    def _settle(self, hold: Hold, status: str) -> None:
+    def _settle(self, hold: Hold, status: str, *, write: bool = True) -> None:
         hold.status = status
         if hold.account_id in self.accounts:
             self.accounts[hold.account_id].held -= hold.amount
-        self.pending.holds.add(hold.call_id)
+        if write:
+            self.pending.holds.add(hold.call_id)
 
     # -- calls in progress: extend holds or cut off ------------------------------------
 

@@ -61,7 +61,7 @@ EXPORTS: dict[str, str] = {
     "open_holds": "SELECT * FROM open_holds",
     "accounts": "SELECT * FROM accounts",
     "calls": f"SELECT * REPLACE ({ENDED} AS ended) FROM calls",
-    "holds": "SELECT * FROM holds",
+    "holds": "SELECT * FROM hold_states",
 }
 
 _NAME = re.compile(r"^snapshot-(\d{8}T\d{6}Z)-(\d+)(\.tmp)?$")

@@ -285,8 +285,9 @@ def test_an_admission_waiting_for_its_account_changes_nothing_until_it_can_be_ap
 
 
 def test_a_late_reply_after_its_call_ended_and_left_memory_is_charged_and_let_go_again(tmp_path: Path) -> None:
-    """An ended call is recorded in call_ends, not by rewriting its row: a reply arriving
-    after the call left memory finds it ended through the database and charges text only."""
+    """An ended call is recorded in call_ends, not by rewriting its row or its hold's: a reply
+    arriving after the call left memory finds it ended through the database and charges text
+    only, and the hold reads as posted everywhere."""
     at = timestamp(T0)
     call = {"call_id": "c1", "number": NUMBER}
     meter = Meter(ledger.connect(":memory:"))
@@ -303,5 +304,12 @@ def test_a_late_reply_after_its_call_ended_and_left_memory_is_charged_and_let_go
     assert (late.charged_s, late.text_millicredits, late.voice_millicredits) == (0, 500, 0)
     assert "c1" not in meter.books.calls  # still ended: not supervised as a running call
     assert Meter(meter.con).books.calls == {}
-    snapshot = write_snapshot(meter.con, tmp_path, now=T0)  # analysts see it ended too
+    # Its hold is posted by the end alone (the row is not rewritten): every reader says so.
+    assert meter.con.execute("SELECT status FROM holds").fetchall() == [("open",)]
+    assert meter.con.execute("SELECT status FROM hold_states").fetchall() == [("posted",)]
+    assert meter.con.execute("SELECT count(*) FROM open_holds").fetchall() == [(0,)]
+    [(balance, available)] = meter.con.execute("SELECT balance_millicredits, available_millicredits FROM balances").fetchall()
+    assert available == balance
+    snapshot = write_snapshot(meter.con, tmp_path, now=T0)  # analysts see it ended and posted too
     assert duckdb.sql(f"SELECT call_id, ended FROM '{snapshot}/calls.parquet'").fetchall() == [("c1", True)]
+    assert duckdb.sql(f"SELECT status FROM '{snapshot}/holds.parquet'").fetchall() == [("posted",)]
