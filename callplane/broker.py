@@ -448,7 +448,7 @@ class Consumer:
             if (self._wants is not None and not self._wants(msg.subject)) or (
                 self._skip_own and msg.headers and msg.headers.get(ORIGIN_HEADER) == self.spec.durable
             ):  # not ours (under a wide filter), or our own output: done with it
-                await self._nc.publish(msg.reply, b"+ACK")
+                await natswire.ack(msg)
                 if self._wants_pull():
                     self._wake.set()
                 return
@@ -551,7 +551,7 @@ class Consumer:
         if not produced:
             work.settled = True
             try:
-                await work.msg.ack()
+                await natswire.ack(work.msg)
             finally:
                 self._release(work)
             return
@@ -682,7 +682,7 @@ class Consumer:
         if work.pending == 0:
             work.settled = True
             try:
-                await work.msg.ack()
+                await natswire.ack(work.msg)
             except Exception as exc:  # noqa: BLE001 - not acked: JetStream redelivers it, the outputs dedupe
                 log.warning("consumer_ack_failed", durable=self.spec.durable, error=repr(exc))
             finally:

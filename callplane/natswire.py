@@ -9,6 +9,8 @@ functions lean on its internals and are checked against them by tests/test_natsw
 - Building an output's header block: `Client.publish` builds and checks it from a dict
   on every call, ~1.4 us a header. `publish_with_header` sends a block the caller built
   (the runtime: its origin line once per consumer, the Nats-Msg-Id per output).
+- Acking a delivery: `Msg.ack` goes through `Client.publish` (1.5 us); `ack` writes the
+  same empty message to the reply subject as one prebuilt PUB (0.3 us).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import re
 
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.protocol.command import hpub_cmd
 
 _CRLF = b"\r\n"
@@ -76,3 +79,18 @@ async def publish_with_header(nc: Client, subject: str, payload: bytes, *, reply
         return
     headers = parse_header_lines(header[len(b"NATS/1.0\r\n") :])
     await nc.publish(subject, payload, reply=reply, headers=headers)
+
+
+async def ack(msg: Msg) -> None:
+    """`msg.ack()`: JetStream's ack, an empty message to the delivery's reply subject, with
+    the same checks (not a JetStream delivery, acked already) and the same fallback as above."""
+    msg._check_reply()
+    nc = msg._client
+    if nc.is_connected and not nc.is_draining_pubs and not _SUBJECT_INVALID.search(msg.reply):
+        nc.stats["out_msgs"] += 1
+        await nc._send_command(b"PUB " + msg.reply.encode() + b" 0\r\n\r\n")
+        if nc._flush_queue is not None and nc._flush_queue.empty():
+            await nc._flush_pending()
+        msg._ackd = True
+        return
+    await msg.ack()

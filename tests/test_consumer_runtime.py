@@ -18,7 +18,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from callplane import broker as runtime
-from callplane import topology
+from callplane import natswire, topology
 from callplane.broker import (
     DLQ_REASON,
     DLQ_SEQUENCE,
@@ -215,13 +215,13 @@ async def test_outputs_are_stored_in_order_before_the_input_is_acked(
     """A handler returning two events: both stored, in order, each with its event id as
     Nats-Msg-Id, and when the input is acked both are in the stream already."""
     stored_at_ack: list[int] = []
-    ack = Msg.ack
+    ack = natswire.ack
 
-    async def spy_ack(self: Msg) -> None:
+    async def spy_ack(msg: Msg) -> None:
         stored_at_ack.append((await js.stream_info("CALLS")).state.messages)
-        await ack(self)
+        await ack(msg)
 
-    monkeypatch.setattr(Msg, "ack", spy_ack)
+    monkeypatch.setattr(natswire, "ack", spy_ack)
     recorder = Recorder(produce=lambda event: [accepted(event), answered(event)])
     async with running(nats_url, recorder):
         source = offer("ev_two_outputs", "call_two")

@@ -54,3 +54,17 @@ async def test_what_publish_would_refuse_is_refused_by_publish(nats_url: str) ->
         await nc.close()
     with pytest.raises(nats.errors.ConnectionClosedError):
         await natswire.publish_with_header(nc, "natswire.closed", b"", reply="r", header=block)
+
+
+async def test_ack_acks_a_jetstream_delivery_once_as_msg_ack_does(js) -> None:  # noqa: ANN001
+    await js.publish("call.offered.48123456789", b"{}")
+    sub = await js.pull_subscribe("call.offered.*", durable="natswire", stream="CALLS")
+    [msg] = await sub.fetch(1, timeout=2)
+    await natswire.ack(msg)
+    with pytest.raises(nats.errors.MsgAlreadyAckdError):
+        await natswire.ack(msg)
+    await msg._client.flush()
+    info = await js.consumer_info("CALLS", "natswire")
+    assert (info.ack_floor.stream_seq, info.num_ack_pending, info.num_redelivered) == (1, 0, 0)
+    with pytest.raises(nats.errors.NotJSMessageError):
+        await natswire.ack(nats.aio.msg.Msg(msg._client, subject="x", reply=""))
