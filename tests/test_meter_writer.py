@@ -5,6 +5,7 @@ dies takes its writer with it, so the file can be opened again at once."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -124,3 +125,18 @@ def test_a_writer_that_died_is_started_again_by_the_next_request(writer: LedgerP
         meter.apply(event, "meter-calls", sequence)
     meter.flush()
     assert Meter(writer).books.applied == {e.event_id for e in events}
+
+
+def test_the_writer_leaves_stopping_to_the_meter(writer: LedgerProcess) -> None:
+    """systemd stops a unit by sending SIGTERM to all its processes, a terminal's Ctrl-C goes
+    to the whole process group: the writer keeps serving until the meter closes its pipes."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        os.kill(writer._process.pid, sig)
+    time.sleep(0.2)
+    assert writer._process.is_alive()
+    meter = Meter(writer)
+    for sequence, event in enumerate(stream(2), 1):
+        meter.apply(event, "meter-calls", sequence)
+    meter.flush()
+    writer.close()
+    assert writer._process.exitcode == 0

@@ -185,6 +185,11 @@ def _decode_rows(data: bytes) -> Batch:
 
 
 def _serve(path: str, lock_wait_s: float, commits, lookups, snapshots) -> None:  # noqa: ANN001 - multiprocessing Connections
+    # The meter says when to stop (it closes the pipes once its last commit is in): systemd's
+    # SIGTERM to the whole unit, or a terminal's Ctrl-C to the process group, must not cut
+    # the writer off under the meter while it drains.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_the_meter()
     try:
         # A crashed meter's writer may hold the lock a moment longer (a commit in flight).
