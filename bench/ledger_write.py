@@ -3,8 +3,8 @@
     .venv/bin/python bench/ledger_write.py [--calls 1000] [--batches 5]
 
 A batch is the rows `call.ended` of N calls makes the meter write (one ledger row with its
-event JSON, one applied_events row, a call_ends row, its hold replaced: what
-`services.meter.books` queues; before commit "call_ends" the call's row was upserted instead). Two ways of writing it are timed, each on a ledger of its
+event JSON, one applied_events row, one call_ends row: what `services.meter.books` queues;
+until commits 0fb2752 and dfb9624 the call's row was upserted and its hold's replaced too). Two ways of writing it are timed, each on a ledger of its
 own made by `services.meter.ledger.connect`:
 
 - appenders: `services.meter.ledger.write`, as shipped;
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import shutil
 import sys
 import tempfile
 import threading
@@ -57,7 +58,6 @@ def ended_calls(first: int, n: int) -> Batch:
                                60, 30000, 0, at.format(i % 60), EVENT_JSON.format(entry, i)))  # fmt: skip
         rows["applied"].append((source, "meter-calls", i))
         rows["ends"].append((f"call_{i}",))  # the call's row is not written again when it ends
-        rows["holds"].append((f"hold_call_{i}", f"call_{i}", "acct_1", 30000, "posted"))
     return Batch(accounts=[], finished=set(), outbox={}, **rows)
 
 
@@ -159,7 +159,7 @@ def main() -> None:
     for write in ways.values():  # warm up: a ledger that already holds rows
         write(ended_calls(next(first), args.calls))
 
-    print(f"meter commit of {args.calls} call ends (4 tables and call_ends), DuckDB {duckdb.__version__}, Python {sys.version.split()[0]}")
+    print(f"meter commit of {args.calls} call ends (ledger, applied_events, call_ends), DuckDB {duckdb.__version__}, Python {sys.version.split()[0]}")
     for name, write in ways.items():
         print(f"  {name:26} alone:                    {timed(write, [ended_calls(next(first), args.calls) for _ in range(args.batches)], args.calls, None)}")
     for interval in (0.005, 0.001):
@@ -170,6 +170,9 @@ def main() -> None:
             print(f"  {name:26} busy thread, switch {interval * 1000:g} ms: {timed(write, batches, args.calls, spinner)}")
         spinner.stop()
     sys.setswitchinterval(0.005)
+    shipped.close()
+    files_con.close()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ import json
 import os
 import platform
 import pstats
+import shutil
 import signal
 import subprocess
 import sys
@@ -333,10 +334,13 @@ async def meter_phase(url: str, n: int, timeout: float, server_pid: int, hold_ra
     if profile:
         print(f"cProfile of the meter process's event loop over the timed phase ({profile}):", file=sys.stderr)
         pstats.Stats(str(profile), stream=sys.stderr).sort_stats("tottime").print_stats(25)
+    verified = verify(home / "meter" / "ledger.duckdb", ends)
+    if profile is None:  # the ledger and the logs: checked, not kept (a profile is kept, with them)
+        shutil.rmtree(home, ignore_errors=True)
     return {"calls_per_s": n / elapsed, "elapsed_s": elapsed, "cpu_us_per_call": meter_cpu / n * 1e6,
             "server_cpu_us_per_call": server / n * 1e6, "bench_cpu_us_per_call": cpu / n * 1e6,
             "writer_cpu_us_per_call": writer_cpu / n * 1e6, "first_charge_ms": (counter.first - started) * 1000, "startup_s": startup_s, "startup_cpu_s": startup_cpu,
-            "holds": holds, "verification": verify(home / "meter" / "ledger.duckdb", ends)}  # fmt: skip
+            "holds": holds, "verification": verified}  # fmt: skip
 
 
 async def hold_latency(nc, *, rate: int, seconds: float) -> dict:  # noqa: ANN001
