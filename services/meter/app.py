@@ -36,6 +36,7 @@ CONSUMER_WINDOW = 2048  # messages in flight per durable at most (the runtime ma
 # and join the next commit, so commits stay few and large (each costs ~3 ms however small).
 # bench/meter.py, 50,000 calls: 20,059-20,608 calls/s with 8, 18,226-21,019 with 2.
 BATCHES_AT_ONCE = 8
+RELOAD_RETRY_S = 1.0  # the books could not be loaded again (the ledger writer unreachable): try again
 
 
 def _utc_now() -> datetime:
@@ -150,11 +151,12 @@ class Meter:
         was applied since the last commit, and fail everyone waiting for it (their inputs are
         retried, their holds refused)."""
         waiting, self._waiting = self._waiting, []
-        self.books = self.store.load()
-        self._stale = False
         for future in waiting:
             if not future.done():
                 future.set_exception(LedgerUnavailable(why))
+        self._stale = True  # nothing is applied until the books are loaded again
+        self.books = self.store.load()
+        self._stale = False
 
     def _distrust(self, exc: Exception) -> None:
         """An event failed half-applied: load the books again once the commit being written
@@ -177,7 +179,11 @@ class Meter:
     async def _write_groups(self) -> None:
         while self._waiting or self._stale:
             if self._stale:
-                self._reload("an event failed half-applied")
+                try:
+                    self._reload("an event failed half-applied, or a commit")
+                except Exception as exc:  # noqa: BLE001 - the ledger is unreachable: try again shortly
+                    log.error("books_not_loaded_will_retry", retry_s=RELOAD_RETRY_S, exc_info=exc)
+                    await asyncio.sleep(RELOAD_RETRY_S)
                 continue
             waiting, self._waiting = self._waiting, []
             self._writing = batch = self.books.take_pending()
@@ -187,7 +193,8 @@ class Meter:
                 self._writing = None
                 self._waiting = waiting + self._waiting
                 log.error("ledger_commit_failed", waiting=len(self._waiting), exc_info=exc)
-                self._reload(f"ledger commit failed: {exc!r}")
+                with contextlib.suppress(Exception):  # if loading fails too, the loop above retries it
+                    self._reload(f"ledger commit failed: {exc!r}")
                 continue
             self._writing = None
             self.books.committed(batch)

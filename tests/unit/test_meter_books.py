@@ -133,6 +133,40 @@ def test_a_failed_commit_loads_the_books_again_and_fails_the_waiters() -> None:
     assert canonical_export(meter.con) == canonical_export(run(stream(5), flush_every=1).con)
 
 
+async def test_when_the_books_cannot_be_loaded_again_nothing_is_applied_and_loading_is_tried_until_it_works(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A commit fails and so does loading the books again (the writer unreachable): the
+    waiters are failed at once (their inputs retried), nothing is applied meanwhile, and the
+    books are loaded as soon as the ledger answers again."""
+    monkeypatch.setattr("services.meter.app.RELOAD_RETRY_S", 0.01)
+    meter = run(stream(3), flush_every=1)
+    before = state(meter)
+    store, loads = meter.store, []
+    write, load = store.write, store.load
+
+    async def broken_write(batch) -> None:  # noqa: ANN001
+        raise OSError("the writer is gone")
+
+    def flaky_load():  # noqa: ANN202
+        loads.append(len(loads))
+        if len(loads) < 3:
+            raise OSError("still gone")
+        return load()
+
+    store.write, store.load = broken_write, flaky_load
+    meter.apply(AccountCredited(event_id="top2", occurred_at=timestamp(T0), account_id="a",
+                                amount_millicredits=5, reference="r2"), "meter-accounts", 99)  # fmt: skip
+    with pytest.raises(LedgerUnavailable):
+        await asyncio.wait_for(meter.commit(), 1)  # failed at once, not left waiting
+    with pytest.raises(LedgerUnavailable):
+        meter.apply(AccountCredited(event_id="top3", occurred_at=timestamp(T0), account_id="a",
+                                    amount_millicredits=5, reference="r3"), "meter-accounts", 100)  # fmt: skip
+    store.write = write
+    await asyncio.wait_for(meter._writer, 1)  # the books are loaded on the third try
+    assert len(loads) == 3 and state(meter) == before and not meter._stale
+
+
 async def test_a_hold_is_answered_only_after_it_is_committed() -> None:
     meter = run(stream(0), flush_every=1)
     reply = await meter.serve_holds(HoldCredit(call_id="x1", account_id="a", number=NUMBER))
