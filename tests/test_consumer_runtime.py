@@ -470,6 +470,34 @@ async def test_the_consumer_pulls_again_after_a_reconnect(nats_url: str, js: Jet
         await settled(js)
 
 
+async def test_outputs_in_batches_cut_by_reconnects_are_each_stored_once_and_every_input_acked(
+    nats_url: str, js: JetStreamContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """300 offers, two outputs each, the socket dropped twice while their batches are in
+    flight: a batch whose answer was lost with the socket times out and its inputs are
+    handled again (their outputs dedupe); in the end every offer is acked and each output is
+    stored once, none dead-lettered."""
+    monkeypatch.setattr(runtime, "PUBACK_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(topology, "BACKOFF_S", (1.0, 0.1, 0.1, 0.1))
+    await topology.setup(js)
+    offers = [offer(f"ev_r{i}", f"call_r{i}") for i in range(300)]
+    recorder = Recorder(produce=lambda event: [accepted(event), answered(event)])
+    async with running(nats_url, recorder, batch=64) as broker:
+        connection = broker.connection
+        for i, source in enumerate(offers):
+            await publish(js, source)
+            if i in (100, 200):
+                reconnects = connection.stats["reconnects"]
+                connection._transport.close()
+                await wait_until(lambda r=reconnects: connection.stats["reconnects"] > r and connection.is_connected)
+        await settled(js, timeout=30)
+    outputs = await stored(js, "CALLS", ["call.accepted.*", "call.answered.*"])
+    ids = [m.headers["Nats-Msg-Id"] for m in outputs]
+    assert len(ids) == len(set(ids)) == 600
+    assert {e.event_id for e in recorder.seen} == {o.event_id for o in offers}
+    assert await dlq_messages(js, 1, timeout=0.5) == []
+
+
 async def test_the_consumer_pulls_again_when_its_durable_is_recreated(nats_url: str, js: JetStreamContext) -> None:
     """Deleting the durable ends the pull requests waiting on it (409); once setup has
     created it again the consumer goes on without a restart."""
