@@ -61,6 +61,7 @@ CREATE TABLE IF NOT EXISTS ledger (
 -- The calls that ended, appended when they end (rewriting the call's row costs a commit
 -- ~3x as much): a call has ended if calls.ended (rows written before this table) or it is here.
 CREATE TABLE IF NOT EXISTS call_ends (call_id VARCHAR NOT NULL);
+CREATE INDEX IF NOT EXISTS call_ends_call_id ON call_ends (call_id);  -- one call's lookup, not a scan
 CREATE TABLE IF NOT EXISTS holds (
     hold_id VARCHAR PRIMARY KEY,
     call_id VARCHAR NOT NULL UNIQUE,
@@ -188,17 +189,26 @@ def books_from(rows: dict[str, list], find_call: Callable[[str], Call | None]) -
 
 
 def find_call_row(con: duckdb.DuckDBPyConnection, call_id: str) -> tuple | None:
-    """A call as stored, finished or not (memory holds only the calls in progress)."""
-    rows = con.execute(f"{_SELECT_CALLS} WHERE call_id = ?", [call_id]).fetchall()
-    return rows[0] if rows else None
+    """A call as stored, finished or not (memory holds only the calls in progress): two
+    index lookups (ENDED's subquery would scan every call that ever ended)."""
+    rows = con.execute(f"{_SELECT_CALL} WHERE call_id = ?", [call_id]).fetchall()
+    if not rows:
+        return None
+    row = list(rows[0])
+    if not row[_ENDED_AT] and con.execute("SELECT count(*) FROM call_ends WHERE call_id = ?", [call_id]).fetchall()[0][0]:
+        row[_ENDED_AT] = True
+    return tuple(row)
 
 
 # Timestamps leave DuckDB as text (TIMESTAMPTZ values would need pytz), in the wire's format.
 _WIRE_TIME = "strftime({0} AT TIME ZONE 'UTC', '%Y-%m-%dT%H:%M:%S.%gZ')"
 ENDED = "(ended OR call_id IN (SELECT call_id FROM call_ends))"  # a call's `ended`, wherever it is recorded
-_SELECT_CALLS = "SELECT {}, epoch(answered_at) FROM calls".format(
-    ", ".join(_WIRE_TIME.format(c) if c.endswith("_at") else ENDED if c == "ended" else c for c in CALL_COLUMNS)
+_COLUMNS = [_WIRE_TIME.format(c) if c.endswith("_at") else c for c in CALL_COLUMNS]
+_ENDED_AT = CALL_COLUMNS.index("ended")
+_SELECT_CALLS = "SELECT {}, epoch(answered_at) FROM calls".format(  # every call, `ended` wherever recorded
+    ", ".join(ENDED if c == "ended" else c for c in _COLUMNS)
 )
+_SELECT_CALL = "SELECT {}, epoch(answered_at) FROM calls".format(", ".join(_COLUMNS))  # ended: calls.ended only
 
 
 def call_from_row(row: tuple | list | None) -> Call | None:
