@@ -114,19 +114,23 @@ class LedgerProcess:
             return self._answer(self._lookups)
 
     def _send(self, conn: multiprocessing.connection.Connection, request: object) -> None:
+        """A request: bytes as they are (a batch's rows), anything else pickled."""
         try:
-            conn.send(request)
+            conn.send_bytes(request) if isinstance(request, bytes) else conn.send(request)
         except OSError as exc:
-            raise LedgerWriterError(f"the ledger writer is gone (exit code {self._process.exitcode})") from exc
+            raise self._gone() from exc
 
     def _answer(self, conn: multiprocessing.connection.Connection) -> Any:
         try:
             ok, value = conn.recv()
         except (EOFError, OSError) as exc:
-            raise LedgerWriterError(f"the ledger writer is gone (exit code {self._process.exitcode})") from exc
+            raise self._gone() from exc
         if not ok:
             raise LedgerWriterError(value)
         return value
+
+    def _gone(self) -> LedgerWriterError:
+        return LedgerWriterError(f"the ledger writer is gone (exit code {self._process.exitcode})")
 
     # -- commits -------------------------------------------------------------------------
 
@@ -142,10 +146,7 @@ class LedgerProcess:
     def _send_rows(self, batch: Batch) -> multiprocessing.connection.Connection:
         self._alive()
         conn = self._commits
-        try:
-            conn.send_bytes(_encode_rows(batch))
-        except OSError as exc:
-            raise LedgerWriterError(f"the ledger writer is gone (exit code {self._process.exitcode})") from exc
+        self._send(conn, _encode_rows(batch))
         return conn
 
     def close(self) -> None:
