@@ -21,8 +21,8 @@ publishes, counts ledger.charged and asks for holds. The meter phase:
      pause is set to end 0.25 s ahead; the clock starts at that instant, when the server
      starts delivering the backlog, and stops at the last ledger.charged received by the bench
      (each is published only after its rows are committed). Meter CPU = user + system time of
-     the meter process (all its threads: the event loop, the DuckDB writer, DuckDB's own) over
-     that span, from /proc, as for nats-server;
+     the meter process and of its ledger writer process (all their threads: the event loop,
+     the writer's, DuckDB's own) over that span, from /proc, as for nats-server;
   4. then, the meter still running, send hold_credit requests one at a time at --hold-rate per
      second (each is answered once the hold is committed) and report their p50 / p99; the
      meter is stopped with SIGTERM and must exit cleanly (it owns the DuckDB file).
@@ -143,12 +143,13 @@ async def drained(js: JetStreamContext, durable: str, stream: str) -> bool:
 
 
 class ChargeCounter:
-    """Counts ledger.charged as it is published (after the meter's commit)."""
+    """Counts ledger.charged as it is published (after the meter's commit), noting when the
+    first and the last arrived."""
 
     def __init__(self, nc, expected: int) -> None:  # noqa: ANN001
         self.nc, self.expected, self.seen = nc, expected, 0
         self.done = asyncio.Event()
-        self.last = 0.0
+        self.first = self.last = 0.0
 
     async def start(self) -> None:
         await self.nc.subscribe("ledger.charged.>", cb=self._on)
@@ -156,6 +157,8 @@ class ChargeCounter:
     async def _on(self, _msg: Msg) -> None:
         self.seen += 1
         self.last = time.perf_counter()
+        if self.seen == 1:
+            self.first = self.last
         if self.seen >= self.expected:
             self.done.set()
 
@@ -246,20 +249,6 @@ async def meter_process(url: str, home: Path, label: str, profile: Path | None =
                 meter.proc.wait()
 
 
-class TimedChargeCounter(ChargeCounter):
-    """ChargeCounter that also notes when the first ledger.charged arrived."""
-
-    first = 0.0
-
-    async def _on(self, _msg: Msg) -> None:
-        self.seen += 1
-        self.last = time.perf_counter()
-        if self.seen == 1:
-            self.first = self.last
-        if self.seen >= self.expected:
-            self.done.set()
-
-
 def rfc3339(wall: float) -> str:
     return datetime.fromtimestamp(wall, UTC).isoformat().replace("+00:00", "Z")
 
@@ -297,7 +286,7 @@ async def meter_phase(url: str, n: int, timeout: float, server_pid: int, hold_ra
             await asyncio.sleep(0.1)
         await js.pause_consumer("CALLS", "meter-calls", rfc3339(time.time() + 86_400))
         await publish(js, ends)
-        counter = TimedChargeCounter(nc, n)
+        counter = ChargeCounter(nc, n)
         await counter.start()
 
         # 3. A second meter process: start-up (books loaded) until its pull requests wait, then
@@ -314,12 +303,14 @@ async def meter_phase(url: str, n: int, timeout: float, server_pid: int, hold_ra
             if profile:
                 meter.proc.send_signal(signal.SIGUSR1)
             # The meter idles until the pause ends: CPU read now is its CPU at the clock's start.
-            cpu0, server0, meter0, writer0 = time.process_time(), process_cpu_s(server_pid), meter.cpu_s(), meter.children_cpu_s()
+            cpu0, server0 = time.process_time(), process_cpu_s(server_pid)
+            meter0, writer0 = meter.own_cpu_s(), meter.children_cpu_s()
             started, until = time.perf_counter() + PAUSE_LEAD_S, time.time() + PAUSE_LEAD_S
             await js.pause_consumer("CALLS", "meter-calls", rfc3339(until))
             await asyncio.wait_for(counter.done.wait(), timeout + PAUSE_LEAD_S)
-            meter_cpu, server = meter.cpu_s() - meter0, process_cpu_s(server_pid) - server0
+            server = process_cpu_s(server_pid) - server0
             writer_cpu = meter.children_cpu_s() - writer0
+            meter_cpu = meter.own_cpu_s() - meter0 + writer_cpu
             elapsed, cpu = counter.last - started, time.process_time() - cpu0
             if profile:
                 meter.proc.send_signal(signal.SIGUSR2)
