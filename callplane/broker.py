@@ -71,9 +71,15 @@ applies per message. One batch is handled at a time, or up to `overlap` when the
 awaits something slow (the meter: its commit in another process) and takes its batch in
 hand, in order, before its first await; what arrives meanwhile is the next.
 
+Deliveries are seen as the connection reads them (`natswire.divert`), before nats-py
+builds a message and queues it for the subscription's task: while the window has room a
+delivery goes to its handler at once; one read while the window is full (it shrank after
+a pull request), and every one after it until it caught up, waits in the subscription's
+callback.
+
 A wide server filter (`ConsumerSpec.server_filter`, e.g. "call.>" for a consumer of most
 call events): the durable has one filter subject, and the runtime acks at once whatever
-falls outside the spec's `subjects`, before decoding it. Every output carries the header
+falls outside the spec's `subjects`, as it is read, before decoding it. Every output carries the header
 Callplane-Origin = the durable that produced it; with `ConsumerSpec.skip_own` that durable
 acks its own outputs unhandled (it applied them when it produced them).
 """
@@ -317,6 +323,8 @@ class Consumer:
         self._wants = spec.wants() if hasattr(spec, "wants") else None  # None: every delivery is ours
         self._skip_own = getattr(spec, "skip_own", False)
         self._origin = natswire.header_line(ORIGIN_HEADER, spec.durable)  # on every output
+        self._own_line = b"\r\n" + self._origin  # how an own output's header block shows it
+        self._origin_name = ORIGIN_HEADER.encode()
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._sub = None  # deliveries (the pull requests' inbox)
@@ -333,6 +341,7 @@ class Consumer:
         self._open: dict[str, _Batch] = {}  # stream -> the batch this turn's outputs join
         self._batches: dict[str, _Batch] = {}  # batch id -> the batch, until its commit is answered
         self._requested = 0  # messages asked for and not yet delivered (nor expired)
+        self._deferred = 0  # deliveries `_take` left to `_on_message` that it has not taken yet
         self._room = asyncio.Event()  # a message was settled: room for one more
         self._wake = asyncio.Event()  # the runner has something to do
         self._idle = asyncio.Event()  # stopping, and nothing is in flight any more
@@ -377,6 +386,7 @@ class Consumer:
         self._stopping = False
         self._idle.clear()
         self._requested = 0
+        self._deferred = 0
         self._heard = self._time()
         self._reconnects = nc.stats["reconnects"]
         self._batched = await _batched_streams(self._js)
@@ -384,6 +394,7 @@ class Consumer:
         self._ack_sub = await nc.subscribe(self._ack_prefix + ">", cb=self._on_puback)
         self._inbox = nc.new_inbox()
         self._sub = await nc.subscribe(self._inbox, cb=self._on_message)
+        natswire.divert(nc, self._sub._id, self._take)
         self._runner = loop.create_task(self._run(), name=f"consume:{self.spec.durable}")
         log.info("consumer_started", stream=self.spec.stream, durable=self.spec.durable, batch=self.batch)
 
@@ -424,6 +435,7 @@ class Consumer:
         self._runner.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._runner
+        natswire.divert(self._nc, self._sub._id, None)
         if usable:
             with contextlib.suppress(Exception):
                 await self._ack_sub.unsubscribe()
@@ -435,19 +447,57 @@ class Consumer:
 
     # -- deliveries (the inbox subscription's callback: one message at a time, in order)
 
-    async def _on_message(self, msg: Msg) -> None:
+    def _take(self, subject: bytes, reply: bytes, headers: bytes | None) -> natswire.Verdict:
+        """A delivery as the connection reads it (`natswire.divert`), in delivery order: one
+        this consumer does not handle is acked at once; the others are taken at once while
+        the window has room, else left to `_on_message`, which waits for room (and so does
+        every one after them until it caught up: handlers start in delivery order)."""
+        if (self._wants is not None and not self._wants(subject.decode(errors="replace"))) or (
+            self._skip_own and self._is_own(headers)
+        ):  # not ours (under a wide server filter), or our own output
+            self._delivered()
+            if self._wants_pull():
+                self._wake.set()
+            return natswire.ack_command(reply)
+        if self._deferred or self._stopping or len(self._inflight) >= self._window:
+            self._deferred += 1
+            return None
+        self._delivered()
+        return self._accept
+
+    def _is_own(self, headers: bytes | None) -> bool:
+        """Whether a raw header block names this durable as the origin, as nats-py would
+        parse it (the block is parsed only when it is not simply our own line)."""
+        if headers is None or self._origin_name not in headers:
+            return False
+        if self._own_line in headers and headers.count(self._origin_name) == 1:
+            return True
+        return natswire.parse_header_lines(headers).get(ORIGIN_HEADER) == self.spec.durable
+
+    def _accept(self, msg: Msg) -> None:
+        work = _Work(msg, self._time())
+        self._inflight.add(work)
+        self._dispatch(work)
+
+    def _delivered(self) -> None:
         self._heard = self._time()
-        if not msg.reply:  # a status about our pull requests, not a stream message
-            self._on_status(msg)
-            return
         self._requested -= 1
         if self._unavailable:
             self._unavailable = False
             log.info("consumer_available", stream=self.spec.stream, durable=self.spec.durable)
+
+    async def _on_message(self, msg: Msg) -> None:
+        """The subscription's callback, for what `_take` left to nats-py: statuses about
+        the pull requests, and deliveries waiting for room in the window."""
+        if not msg.reply:
+            self._heard = self._time()
+            self._on_status(msg)
+            return
+        self._delivered()
         try:
             if (self._wants is not None and not self._wants(msg.subject)) or (
                 self._skip_own and msg.headers and msg.headers.get(ORIGIN_HEADER) == self.spec.durable
-            ):  # not ours (under a wide filter), or our own output: done with it
+            ):  # as in `_take`
                 await natswire.ack(msg)
                 if self._wants_pull():
                     self._wake.set()
@@ -458,13 +508,14 @@ class Consumer:
             if self._stopping:
                 await msg.nak()
                 return
-            work = _Work(msg, self._time())
-            self._inflight.add(work)
-            self._dispatch(work)
+            self._accept(msg)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - never let one message stop the subscription
             log.error("consumer_delivery_failed", durable=self.spec.durable, exc_info=exc)
+        finally:
+            if self._deferred:
+                self._deferred -= 1
 
     def _dispatch(self, work: _Work) -> None:
         # One task per message, created in delivery order: asyncio runs each until its

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
@@ -23,6 +24,7 @@ from callplane.broker import (
     DLQ_REASON,
     DLQ_SEQUENCE,
     DLQ_SUBJECT,
+    Consumer,
     consume,
     consumers,
     make_broker,
@@ -395,6 +397,74 @@ async def test_handlers_start_in_stream_order_while_running_concurrently(nats_ur
         await settled(js)
     assert started == sent
     assert peak > 1  # they did overlap
+
+
+async def test_deliveries_beyond_a_shrunken_window_wait_and_handlers_still_start_in_stream_order(
+    nats_url: str, js: JetStreamContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow first handler shrinks the window (16 at start) to a few messages while a pull
+    request for more is still open; the messages that request brings are read while the
+    window is full: they wait in `_on_message` (and every one after them, though room
+    comes back meanwhile), and no handler starts out of turn."""
+    started: list[str] = []
+    waited = 0
+    on_message = Consumer._on_message
+
+    async def counting(self: Consumer, msg: Msg) -> None:
+        nonlocal waited
+        waited += bool(msg.reply)
+        await on_message(self, msg)
+
+    monkeypatch.setattr(Consumer, "_on_message", counting)
+
+    async def handler(event: AnyEvent, _meta: Msg.Metadata) -> list[Event]:
+        started.append(event.event_id)
+        if event.event_id == "ev_000":
+            time.sleep(0.06)  # busy: the window becomes 0.25 s (a share of the ack wait) / 60 ms = 4
+        else:
+            await asyncio.sleep(0.05)  # in flight a while, not busy
+        return []
+
+    sent = [f"ev_{i:03d}" for i in range(41)]
+    async with running(nats_url, handler, batch=64):
+        await js.publish(SUBJECT, encode(offer(sent[0], "call_0")), headers={"Nats-Msg-Id": sent[0]})
+        await wait_until(lambda: started == sent[:1])
+        await asyncio.gather(
+            *[await js.publish_async(SUBJECT, encode(offer(e, f"call_{e}")), headers={"Nats-Msg-Id": e}) for e in sent[1:]]
+        )
+        await settled(js)
+    assert started == sent
+    assert waited > 0  # some deliveries did come while the window was full
+
+
+def test_once_a_delivery_waits_for_room_every_later_one_waits_behind_it() -> None:
+    """`Consumer._take` as the connection reads three deliveries: the first comes while the
+    window is full and is left to `_on_message`; room comes back before that one was taken,
+    yet the next must not overtake it; once it was taken, deliveries are taken at once."""
+    consumer = Consumer(topology.consumer("fraud"), Recorder(), batch=2)
+    consumer._window = 1
+    consumer._inflight.add(object())  # full
+    assert consumer._take(b"call.offered.48123456789", b"$JS.ACK.1", None) is None
+    consumer._inflight.clear()  # room again, the first still on its way to `_on_message`
+    assert consumer._take(b"call.offered.48123456789", b"$JS.ACK.2", None) is None
+    consumer._deferred = 0  # `_on_message` took both
+    assert consumer._take(b"call.offered.48123456789", b"$JS.ACK.3", None) == consumer._accept
+    wide = Consumer(topology.consumer("meter-calls"), Recorder())  # server filter call.>, no offers wanted
+    assert wide._take(b"call.offered.48123456789", b"$JS.ACK.5", None) == natswire.ack_command(b"$JS.ACK.5")
+
+
+def test_own_outputs_are_recognised_in_the_raw_header_block_or_left_to_the_parsed_one() -> None:
+    gatekeeper = Consumer(topology.consumer("gatekeeper"), Recorder())  # skip_own
+    subject = b"call.answered.48123456789"
+    own = b"NATS/1.0\r\nNats-Msg-Id: ev/answered\r\nCallplane-Origin: gatekeeper\r\n\r\n"
+    theirs = b"NATS/1.0\r\nNats-Msg-Id: ev/answered\r\nCallplane-Origin: edge\r\n\r\n"
+    unusual = b"NATS/1.0\r\nCallplane-Origin:gatekeeper \r\n\r\n"  # as nats-py parses it: ours
+    overridden = own[:-2] + b"Callplane-Origin: edge\r\n\r\n"  # the last one counts, as in nats-py
+    assert gatekeeper._take(subject, b"$JS.ACK.1", own) == natswire.ack_command(b"$JS.ACK.1")
+    assert gatekeeper._take(subject, b"$JS.ACK.2", unusual) == natswire.ack_command(b"$JS.ACK.2")
+    assert gatekeeper._take(subject, b"$JS.ACK.3", theirs) == gatekeeper._accept
+    assert gatekeeper._take(subject, b"$JS.ACK.4", None) == gatekeeper._accept
+    assert gatekeeper._take(subject, b"$JS.ACK.5", overridden) == gatekeeper._accept
 
 
 async def test_stop_waits_for_handlers_in_flight_and_leaves_nothing_handled_unacked(

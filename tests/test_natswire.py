@@ -4,6 +4,8 @@ as nats-py's own publish of the same headers does (over a real nats-server)."""
 
 from __future__ import annotations
 
+import asyncio
+
 import nats
 import pytest
 from hypothesis import given
@@ -68,3 +70,62 @@ async def test_ack_acks_a_jetstream_delivery_once_as_msg_ack_does(js) -> None:  
     assert (info.ack_floor.stream_seq, info.num_ack_pending, info.num_redelivered) == (1, 0, 0)
     with pytest.raises(nats.errors.NotJSMessageError):
         await natswire.ack(nats.aio.msg.Msg(msg._client, subject="x", reply=""))
+
+
+async def test_divert_shows_raw_deliveries_first_and_sends_acks_takes_msgs_or_passes_them_on(js) -> None:  # noqa: ANN001
+    """Each verdict of `take`: an ack command is sent instead of the delivery (the durable
+    sees it acked, the callback never sees it); a function gets the Msg nats-py would have
+    built (headers parsed); None leaves the delivery to the subscription's callback."""
+    nc = js._nc
+    for i, kind in enumerate(["ack", "take", "pass"]):
+        await js.publish(f"call.offered.4812345678{i}", kind.encode(), headers={"Nats-Msg-Id": f"m{i}", "Kind": kind})
+    seen: list[tuple[bytes, bytes, bytes | None]] = []
+    taken: list[nats.aio.msg.Msg] = []
+    called: list[nats.aio.msg.Msg] = []
+
+    def take(subject: bytes, reply: bytes, headers: bytes | None) -> natswire.Verdict:
+        seen.append((subject, reply, headers))
+        if b"Kind: ack" in headers:
+            return natswire.ack_command(reply)
+        return taken.append if b"Kind: take" in headers else None
+
+    async def callback(msg: nats.aio.msg.Msg) -> None:
+        called.append(msg)
+
+    await js.add_consumer("CALLS", durable_name="diverted", ack_policy="explicit")
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox, cb=callback)
+    natswire.divert(nc, sub._id, take)
+    await nc.publish("$JS.API.CONSUMER.MSG.NEXT.CALLS.diverted", b'{"batch": 3, "expires": 2000000000}', reply=inbox)
+    for _ in range(100):
+        if len(seen) == 3 and called:
+            break
+        await asyncio.sleep(0.02)
+    assert [s for s, _, _ in seen] == [b"call.offered.48123456780", b"call.offered.48123456781", b"call.offered.48123456782"]
+    assert [m.data for m in taken] == [b"take"] and taken[0].headers == {"Nats-Msg-Id": "m1", "Kind": "take"}
+    assert [m.data for m in called] == [b"pass"]
+    assert taken[0].reply == seen[1][1].decode() and taken[0]._client is nc
+    await nc.flush()
+    info = await js.consumer_info("CALLS", "diverted")
+    assert (info.ack_floor.stream_seq, info.num_ack_pending) == (1, 2)  # only the first was acked
+
+    natswire.divert(nc, sub._id, None)  # stopped: nats-py's way again
+    await js.publish("call.offered.48123456783", b"ack", headers={"Kind": "ack"})
+    await nc.publish("$JS.API.CONSUMER.MSG.NEXT.CALLS.diverted", b'{"batch": 1, "expires": 2000000000}', reply=inbox)
+    for _ in range(100):
+        if len(called) == 2:
+            break
+        await asyncio.sleep(0.02)
+    assert [m.data for m in called] == [b"pass", b"ack"] and len(seen) == 3
+
+
+async def test_a_take_that_raises_leaves_the_delivery_to_nats_py(nats_url: str) -> None:
+    nc = await nats.connect(nats_url)
+    try:
+        sub = await nc.subscribe("natswire.raw")
+        natswire.divert(nc, sub._id, lambda *_: 1 / 0)
+        await nc.publish("natswire.raw", b"body", reply="_INBOX.r")
+        msg = await sub.next_msg(timeout=2)
+        assert msg.data == b"body"
+    finally:
+        await nc.close()
