@@ -78,10 +78,10 @@ a pull request), and every one after it until it caught up, waits in the subscri
 callback.
 
 A wide server filter (`ConsumerSpec.server_filter`, e.g. "call.>" for a consumer of most
-call events): the durable has one filter subject, and the runtime acks at once whatever
-falls outside the spec's `subjects`, as it is read, before decoding it. Every output carries the header
-Callplane-Origin = the durable that produced it; with `ConsumerSpec.skip_own` that durable
-acks its own outputs unhandled (it applied them when it produced them).
+call events): the durable has one filter subject, and the runtime acks whatever falls
+outside the spec's `subjects` as it is read, before decoding it. Every output carries the
+header Callplane-Origin = the durable that produced it; with `ConsumerSpec.skip_own` that
+durable acks its own outputs unhandled (it applied them when it produced them).
 """
 
 from __future__ import annotations
