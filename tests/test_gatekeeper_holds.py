@@ -16,6 +16,7 @@ from nats.js import JetStreamContext
 
 from schemas import (
     CallAccepted,
+    CallEnded,
     CallOffered,
     CallRejected,
     NumberAssigned,
@@ -329,3 +330,44 @@ async def test_a_call_whose_hold_is_pending_is_not_ringing_yet(
     assert (await js.stream_info("CALLS")).state.messages == 0  # no call.answered before call.accepted
     produced = await asyncio.wait_for(handler, 2)
     assert [type(event) for event in produced] == [CallRejected]
+
+
+def ended(call_id: str) -> CallEnded:
+    return CallEnded(event_id=f"end_{call_id}", occurred_at=timestamp(datetime.now(UTC)), call_id=call_id, number=NUMBER,
+                     duration_ms=1000, end_reason="caller_hangup")
+
+
+async def test_a_delivered_batch_is_decided_in_order_with_one_hold_request_and_frees_slots_where_they_end(
+    gatekeeper: Gatekeeper, nc: Client
+) -> None:
+    """`on_call_events`, as `consume_batches` calls it: offers take their slots in delivery
+    order before anything is awaited (an end in the batch frees a slot for the offers
+    after it, not before), the held ones cost one request, and an offer repeated in the
+    batch gets the first one's decision without a second hold."""
+    meter = StandInMeter(nc)
+    await meter.start()
+    with_cap(gatekeeper, 2)
+    o = offers(0, 4)
+    items = [(o[0], None), (o[1], None), (o[2], None), (ended("call_0"), None), (o[3], None), (o[0], None)]
+    results = await asyncio.wait_for(gatekeeper.on_call_events(items), 5)  # type: ignore[arg-type]
+    decided = [r[0] for r in results if r]
+    assert [(d.call_id, type(d).__name__, getattr(d, "reason", "")) for d in decided] == [
+        ("call_0", "CallAccepted", ""),
+        ("call_1", "CallAccepted", ""),
+        ("call_2", "CallRejected", "busy"),  # before call_0 ended
+        ("call_3", "CallAccepted", ""),  # after it
+        ("call_0", "CallAccepted", ""),  # the repeat: the same decision
+    ]
+    assert results[3] == [] and results[5] == results[0]
+    assert meter.batches == [["call_0", "call_1", "call_3"]] and meter.singles == []
+
+
+async def test_a_hold_that_fails_fails_its_own_message_in_a_batch_and_gives_its_slot_back(
+    gatekeeper: Gatekeeper, nc: Client
+) -> None:
+    with_cap(gatekeeper, 5)
+    gatekeeper.holds.nc = BrokenConnection()  # type: ignore[assignment]
+    results = await asyncio.wait_for(gatekeeper.on_call_events([(offer, None) for offer in offers(0, 3)]), 5)  # type: ignore[arg-type]
+    assert all(isinstance(r, nats.errors.ConnectionClosedError) for r in results)
+    line = gatekeeper.state.lines[NUMBER]
+    assert line.active == {} and not line.admitted and not gatekeeper.state.pending and not gatekeeper._completing
