@@ -19,6 +19,7 @@ itself and replaying the same events rebuilds the same state.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -141,7 +142,15 @@ class WebhookVerdict:
 
 def evolve(state: State, event: AnyEvent) -> State:
     """Fold one event into the state (in place, for speed; returns it for chaining)."""
-    match event:
+    match event:  # call events first: they are nearly all of them
+        case CallAccepted() | CallRejected():
+            _fold_decision(state, event)
+        case CallAnswered(call_id=call_id):
+            state.ringing.pop(call_id, None)
+        case CallEnded(number=number, call_id=call_id) | CallMissed(number=number, call_id=call_id):
+            state.ringing.pop(call_id, None)
+            if line := state.lines.get(number):
+                line.active.pop(call_id, None)
         case NumberRegistered(number=number, account_id=account_id):
             state.lines.setdefault(number, Line(account_id=account_id))
         case NumberAssigned(number=number, agent_id=agent_id) if number in state.lines:
@@ -153,14 +162,6 @@ def evolve(state: State, event: AnyEvent) -> State:
             state.lines.pop(number, None)
         case AccountConfigured(account_id=account_id):
             state.accounts[account_id] = event
-        case CallAccepted() | CallRejected():
-            _fold_decision(state, event)
-        case CallAnswered(call_id=call_id):
-            state.ringing.pop(call_id, None)
-        case CallEnded(number=number, call_id=call_id) | CallMissed(number=number, call_id=call_id):
-            state.ringing.pop(call_id, None)
-            if line := state.lines.get(number):
-                line.active.pop(call_id, None)
     return state
 
 
@@ -244,7 +245,12 @@ def _withdraw(admitted: deque[tuple[datetime, str]], call_id: str) -> None:
 
 
 def lease_length(accepted: CallAccepted) -> timedelta:
-    seconds = accepted.ring_timeout_s + (accepted.max_duration_s or DEFAULT_MAX_CALL_S) + LEASE_GRACE_S
+    return _seconds(accepted.ring_timeout_s + (accepted.max_duration_s or DEFAULT_MAX_CALL_S) + LEASE_GRACE_S)
+
+
+@functools.lru_cache(maxsize=1024)
+def _seconds(seconds: int) -> timedelta:
+    """timedelta(seconds=...), remembered: a few distinct lengths, twice per admitted call."""
     return timedelta(seconds=seconds)
 
 
