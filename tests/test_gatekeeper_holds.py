@@ -5,15 +5,20 @@ exact, and a batch is never an excuse to admit on a guess."""
 from __future__ import annotations
 
 import asyncio
+import io
+import json
+import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import nats.errors
 import pytest
+import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from callplane import logs
 from schemas import (
     CallAccepted,
     CallEnded,
@@ -358,7 +363,8 @@ async def test_a_delivered_batch_is_decided_in_order_with_one_hold_request_and_f
         ("call_3", "CallAccepted", ""),  # after it
         ("call_0", "CallAccepted", ""),  # the repeat: the same decision
     ]
-    assert results[3] == [] and results[5] == results[0]
+    assert results[3] == [] and results[5][0] == results[0][0]  # the repeat: the same decision, and
+    assert [e.event_id for e in results[5]] == [e.event_id for e in results[0]]  # the same ids (deduplicated)
     assert meter.batches == [["call_0", "call_1", "call_3"]] and meter.singles == []
 
 
@@ -371,3 +377,26 @@ async def test_a_hold_that_fails_fails_its_own_message_in_a_batch_and_gives_its_
     assert all(isinstance(r, nats.errors.ConnectionClosedError) for r in results)
     line = gatekeeper.state.lines[NUMBER]
     assert line.active == {} and not line.admitted and not gatekeeper.state.pending and not gatekeeper._completing
+
+
+async def test_each_decision_is_logged_as_one_json_line_naming_its_call(
+    js: JetStreamContext, nc: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    saved = structlog.get_config()
+    logs.configure("gatekeeper", "info", json=True)  # as the service does, before it wires
+    keeper = Gatekeeper(js, GatekeeperSettings(hold_timeout_ms=300))
+    try:
+        await StandInMeter(nc, refuse=frozenset({"call_1"})).start()
+        with_cap(keeper, 5)
+        await asyncio.wait_for(keeper.on_call_events([(offer, None) for offer in offers(0, 2)]), 5)  # type: ignore[arg-type]
+        await asyncio.sleep(0.01)  # the turn's lines are written when it ends
+    finally:
+        await keeper.holds.stop()
+        await keeper.http.aclose()
+        structlog.configure(**saved)
+    lines = [json.loads(line) for line in out.getvalue().splitlines() if line.startswith("{")]
+    decided = {(line["event"], line["call_id"], line["event_id"], line.get("reason")) for line in lines if line["event"].startswith("call_")}
+    assert decided == {("call_accepted", "call_0", "ev_0", None), ("call_rejected", "call_1", "ev_1", "insufficient_credits")}
+    assert all(line["service"] == "gatekeeper" and line["level"] == "info" for line in lines)
