@@ -400,3 +400,23 @@ async def test_each_decision_is_logged_as_one_json_line_naming_its_call(
     decided = {(line["event"], line["call_id"], line["event_id"], line.get("reason")) for line in lines if line["event"].startswith("call_")}
     assert decided == {("call_accepted", "call_0", "ev_0", None), ("call_rejected", "call_1", "ev_1", "insufficient_credits")}
     assert all(line["service"] == "gatekeeper" and line["level"] == "info" for line in lines)
+
+
+async def test_a_webhook_call_cancelled_fails_its_own_message_and_gives_its_slot_back(
+    gatekeeper: Gatekeeper, nc: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await StandInMeter(nc).start()
+    with_cap(gatekeeper, 5)
+    first, second = offers(0, 2)
+
+    async def webhook(offer: CallOffered, _provisional: CallAccepted) -> None:
+        if offer.call_id == first.call_id:
+            raise asyncio.CancelledError  # what gather reports for a webhook task cancelled under it
+
+    monkeypatch.setattr(gatekeeper, "_webhook_of", lambda *_: object())  # every account has a webhook
+    monkeypatch.setattr(gatekeeper, "ask_webhook", webhook)
+    results = await asyncio.wait_for(gatekeeper.on_call_events([(first, None), (second, None)]), 5)  # type: ignore[arg-type]
+    assert isinstance(results[0], RuntimeError)
+    assert isinstance(results[1], list) and isinstance(results[1][0], CallAccepted)
+    line = gatekeeper.state.lines[NUMBER]
+    assert set(line.active) == {second.call_id} and not gatekeeper._completing

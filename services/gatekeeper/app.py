@@ -309,8 +309,10 @@ class Gatekeeper:
         provisional = decide(self.state, offer, now=self.clock())
         evolve(self.state, provisional)  # takes the slot before any await: exact under concurrency
         if isinstance(provisional, CallRejected):
-            self._log.info("call_rejected", call_id=offer.call_id, event_id=offer.event_id, number=provisional.number,
-                     reason=provisional.reason)
+            self._log.info(
+                "call_rejected", call_id=offer.call_id, event_id=offer.event_id, number=provisional.number,
+                reason=provisional.reason,
+            )
             return [provisional]
         self._completing[offer.call_id] = None
         return provisional
@@ -346,10 +348,10 @@ class Gatekeeper:
         for index, offer, provisional, hold in admitting:
             try:
                 verdict = verdicts.get(index)
-                if isinstance(verdict, BaseException):
+                if isinstance(verdict, Exception):
                     raise verdict
-                if hold.cancelled():  # its request was stopped (the gatekeeper is stopping)
-                    raise RuntimeError("the hold request was cancelled")
+                if isinstance(verdict, BaseException) or hold.cancelled():  # stopped: the gatekeeper is stopping
+                    raise RuntimeError("its hold request or webhook call was cancelled")
                 final = complete(provisional, hold=hold.result(), webhook=verdict, now=self.clock())
                 evolve(self.state, final)
             except Exception as exc:  # noqa: BLE001 - not decided (the runtime retries the offer): no slot meanwhile
@@ -359,11 +361,15 @@ class Gatekeeper:
             finally:  # decided, or failed (a repeat waiting then tries again, as a retry would)
                 self._done(offer.call_id)
             if isinstance(final, CallAccepted):
-                self._log.info("call_accepted", call_id=offer.call_id, event_id=offer.event_id, number=final.number,
-                         agent_id=final.agent_id, hold_id=final.hold_id)
+                self._log.info(
+                    "call_accepted", call_id=offer.call_id, event_id=offer.event_id, number=final.number,
+                    agent_id=final.agent_id, hold_id=final.hold_id,
+                )
             else:
-                self._log.info("call_rejected", call_id=offer.call_id, event_id=offer.event_id, number=final.number,
-                         reason=final.reason)
+                self._log.info(
+                    "call_rejected", call_id=offer.call_id, event_id=offer.event_id, number=final.number,
+                    reason=final.reason,
+                )
             results[index] = self._outputs(final)
 
     def _done(self, call_id: str) -> None:
