@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import msgspec
@@ -383,7 +383,7 @@ class Gatekeeper:
             return [final, pickup]
         return [final]
 
-    def request_hold(self, provisional: CallAccepted) -> Awaitable[HoldOutcome]:
+    def request_hold(self, provisional: CallAccepted) -> asyncio.Future[HoldOutcome]:
         command = HoldCredit(call_id=provisional.call_id, account_id=provisional.account_id, number=provisional.number)
         return self.holds.hold(command)
 
