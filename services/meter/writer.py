@@ -202,8 +202,15 @@ def _serve(path: str, lock_wait_s: float, commits, lookups, snapshots) -> None: 
     # (bench/meter.py: ~16,700 billed calls/s with one, ~14,600 with DuckDB's default).
     con.execute("SET threads = 1")
     lookups.send((True, None))
-    for conn, serve in ((lookups, _serve_lookups), (snapshots, _serve_snapshots)):
-        threading.Thread(target=_loop, args=(conn, serve, con.cursor()), daemon=True).start()
+    # Not daemon threads: one still in DuckDB when the interpreter exits is unwound by force
+    # through DuckDB's C++ frames, and the process aborts (SIGABRT, "exception not rethrown").
+    # They end when the meter closes their pipes (or dies), and are joined before `con` closes.
+    threads = [
+        threading.Thread(target=_loop, args=(conn, serve, con.cursor()), name=serve.__name__)
+        for conn, serve in ((lookups, _serve_lookups), (snapshots, _serve_snapshots))
+    ]
+    for thread in threads:
+        thread.start()
     cursor = con.cursor()
     try:
         while True:
@@ -218,6 +225,8 @@ def _serve(path: str, lock_wait_s: float, commits, lookups, snapshots) -> None: 
                 commits.send((False, f"ledger commit failed: {exc!r}"))
     finally:
         cursor.close()
+        for thread in threads:
+            thread.join(timeout=JOIN_TIMEOUT_S)
         con.close()
 
 
@@ -229,18 +238,22 @@ def _die_with_the_meter() -> None:
 
 
 PR_SET_PDEATHSIG = 1
+JOIN_TIMEOUT_S = 10.0  # the lookup and snapshot threads, once the meter closed their pipes
 
 
 def _loop(conn, serve, cursor) -> None:  # noqa: ANN001
-    while True:
-        try:
-            request = conn.recv()
-        except (EOFError, OSError):
-            return
-        try:
-            conn.send((True, serve(cursor, request)))
-        except Exception as exc:  # noqa: BLE001 - the request failed, not the writer
-            conn.send((False, f"{serve.__name__.removeprefix('_serve_')} failed: {exc!r}"))
+    try:
+        while True:
+            try:
+                request = conn.recv()
+            except (EOFError, OSError):
+                return
+            try:
+                conn.send((True, serve(cursor, request)))
+            except Exception as exc:  # noqa: BLE001 - the request failed, not the writer
+                conn.send((False, f"{serve.__name__.removeprefix('_serve_')} failed: {exc!r}"))
+    finally:
+        cursor.close()
 
 
 def _serve_lookups(cursor, request: tuple) -> Any:  # noqa: ANN001
