@@ -30,6 +30,7 @@ from nats.aio.msg import Msg
 from nats.protocol.command import hpub_cmd
 
 _CRLF = b"\r\n"
+_HEADER_START = b"NATS/1.0\r\n"  # a header block's first line
 _WHITESPACE = re.compile(r"\s")  # what str.isspace() is true for, as nats-py tests it
 _NEWLINES = str.maketrans({"\r": " ", "\n": " "})  # what nats-py does to a header value
 _SUBJECT_INVALID = re.compile(r"[ \t\r\n]")  # nats-py's check of a published subject
@@ -64,7 +65,7 @@ def header_line(name: str, value: str) -> bytes:
 
 
 def header_block(*lines: bytes) -> bytes:
-    return b"NATS/1.0\r\n" + b"".join(lines) + _CRLF
+    return _HEADER_START + b"".join(lines) + _CRLF
 
 
 async def publish_with_header(nc: Client, subject: str, payload: bytes, *, reply: str, header: bytes) -> None:
@@ -85,7 +86,7 @@ async def publish_with_header(nc: Client, subject: str, payload: bytes, *, reply
         if nc._flush_queue is not None and nc._flush_queue.empty():
             await nc._flush_pending()
         return
-    headers = parse_header_lines(header[len(b"NATS/1.0\r\n") :])
+    headers = parse_header_lines(header[len(_HEADER_START) :])
     await nc.publish(subject, payload, reply=reply, headers=headers)
 
 
@@ -96,7 +97,7 @@ async def ack(msg: Msg) -> None:
     nc = msg._client
     if nc.is_connected and not nc.is_draining_pubs and not _SUBJECT_INVALID.search(msg.reply):
         nc.stats["out_msgs"] += 1
-        await nc._send_command(b"PUB " + msg.reply.encode() + b" 0\r\n\r\n")
+        await nc._send_command(ack_command(msg.reply.encode()))
         if nc._flush_queue is not None and nc._flush_queue.empty():
             await nc._flush_pending()
         msg._ackd = True
