@@ -409,7 +409,7 @@ async def test_a_webhook_call_cancelled_fails_its_own_message_and_gives_its_slot
     with_cap(gatekeeper, 5)
     first, second = offers(0, 2)
 
-    async def webhook(offer: CallOffered, _provisional: CallAccepted) -> None:
+    async def webhook(offer: CallOffered, _provisional: CallAccepted, _hook: object) -> None:
         if offer.call_id == first.call_id:
             raise asyncio.CancelledError  # what gather reports for a webhook task cancelled under it
 

@@ -31,10 +31,10 @@ import msgspec
 import nats.errors
 import structlog
 from faststream.nats import NatsBroker
-from structlog.contextvars import bound_contextvars
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from structlog.contextvars import bound_contextvars
 
 from callplane import topology
 from callplane.broker import consume_batches, publish_all
@@ -329,16 +329,17 @@ class Gatekeeper:
         try:
             await asyncio.wait([hold for *_, hold in admitting])
             calls = [
-                (index, offer, provisional)
+                (index, offer, provisional, hook)
                 for index, offer, provisional, hold in admitting
                 if not hold.cancelled() and hold.exception() is None and isinstance(hold.result(), Held)
-                and self._webhook_of(offer, provisional) is not None
+                and (hook := self._webhook_of(offer, provisional)) is not None
             ]
             if calls:
                 answers = await asyncio.gather(
-                    *(self.ask_webhook(offer, provisional) for _, offer, provisional in calls), return_exceptions=True
+                    *(self.ask_webhook(offer, provisional, hook) for _, offer, provisional, hook in calls),
+                    return_exceptions=True,
                 )
-                verdicts = {index: answer for (index, _, _), answer in zip(calls, answers, strict=True)}
+                verdicts = {index: answer for (index, *_), answer in zip(calls, answers, strict=True)}
         except BaseException:  # cancelled (the consumer stops): none was decided, none holds a slot
             for _, offer, provisional, hold in admitting:
                 hold.cancel()
@@ -393,11 +394,10 @@ class Gatekeeper:
         hook = account.pre_call_webhook if account else None
         return hook if offer.direction == "inbound" else None
 
-    async def ask_webhook(self, offer: CallOffered, provisional: CallAccepted) -> WebhookVerdict | None:
-        """The account's pre-call webhook, if it has one (inbound calls only)."""
-        hook = self._webhook_of(offer, provisional)
-        if hook is None:
-            return None
+    async def ask_webhook(
+        self, offer: CallOffered, provisional: CallAccepted, hook: PreCallWebhook
+    ) -> WebhookVerdict | None:
+        """Call a held call's pre-call webhook (found by `_webhook_of`); what it logs names the call."""
         with bound_contextvars(call_id=offer.call_id, event_id=offer.event_id):
             return await self._ask_webhook(offer, provisional, hook)
 
